@@ -1,0 +1,515 @@
+"""The DeepSeek-V3 / Moonlight architecture in plain PyTorch.
+
+Read top to bottom: RMSNorm, rotary embedding, attention kernels, Multi-head Latent Attention (MLA), the router,
+the routed experts (one grouped GEMM for all experts), the MoE layer with shared experts, the decoder block and
+the causal LM. Nothing here knows about parallelism: ``moonforge.parallel`` applies FSDP, TP, EP, PP and CP from
+outside. Parameter names follow Hugging Face's, so checkpoints map one to one, except that routed experts are
+stored stacked as ``experts.gate_up_proj`` [E, 2, I, H] and ``experts.down_proj`` [E, H, I].
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moonforge.config import ModelConfig, yarn_mscale
+
+IGNORE_INDEX = -100
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+# ---------------------------------------------------------------------------------------------------- rotary
+def rope_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies of the rotary part and the cos/sin scale (YaRN's attention factor, else 1)."""
+    dim, base = config.qk_rope_head_dim, config.rope_theta
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    if config.rope_type != "yarn":
+        return inv_freq, 1.0
+    s = config.rope_scaling
+    factor = s["factor"]
+    original = s["original_max_position_embeddings"]
+    beta_fast, beta_slow = s.get("beta_fast") or 32, s.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if s.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    extrapolation = 1 - ramp
+    inv_freq = (inv_freq / factor) * (1 - extrapolation) + inv_freq * extrapolation
+    mscale, mscale_all_dim = s.get("mscale"), s.get("mscale_all_dim")
+    if s.get("attention_factor") is not None:
+        attention_factor = s["attention_factor"]
+    elif mscale and mscale_all_dim:
+        attention_factor = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+    else:
+        attention_factor = yarn_mscale(factor)
+    return inv_freq, float(attention_factor)
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        inv_freq, self.attention_factor = rope_inv_freq(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def reset_parameters(self) -> None:
+        self.inv_freq.copy_(rope_inv_freq(self.config)[0].to(self.inv_freq.device))
+
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of shape [B, S, rope_dim / 2], fp32."""
+        freqs = position_ids.float()[..., None] * self.inv_freq.float()
+        return freqs.cos() * self.attention_factor, freqs.sin() * self.attention_factor
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """DeepSeek's interleaved RoPE: pairs (x0, x1), (x2, x3), ... rotate together.
+
+    The result is laid out [rotated evens | rotated odds]; queries and keys get the same layout, so their dot
+    products equal those of the interleaved form (this is how transformers computes it too).
+    """
+    x1, x2 = x[..., 0::2].float(), x[..., 1::2].float()
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------- attention
+@dataclass
+class AttentionMask:
+    """Which keys each query may see. Shared by all layers of one micro-batch.
+
+    ``document_ids`` [B, S] keeps packed documents apart; ``None`` means one document per row. Under context
+    parallelism the keys are a gathered, longer sequence: ``key_document_ids`` and the global token indices
+    ``query_index`` / ``key_index`` describe them. Causality is always ``key_index <= query_index``.
+    """
+
+    document_ids: torch.Tensor | None = None
+    key_document_ids: torch.Tensor | None = None
+    query_index: torch.Tensor | None = None
+    key_index: torch.Tensor | None = None
+    backend: str = "sdpa"
+
+    @property
+    def is_plain_causal(self) -> bool:
+        return self.document_ids is None and self.query_index is None
+
+    def dense(self, q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
+        """Boolean mask [B or 1, 1, q_len, k_len], True where attention is allowed."""
+        qi = self.query_index if self.query_index is not None else torch.arange(q_len, device=device)
+        ki = self.key_index if self.key_index is not None else torch.arange(k_len, device=device)
+        allowed = (ki[None, :] <= qi[:, None])[None]
+        if self.document_ids is not None:
+            kd = self.key_document_ids if self.key_document_ids is not None else self.document_ids
+            allowed = allowed & (self.document_ids[:, :, None] == kd[:, None, :])
+        return allowed[:, None]
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, scale: float) -> torch.Tensor:
+    """Causal attention over [B, S, H, D] tensors; returns [B, S, H, Dv]."""
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    if mask.is_plain_causal:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    elif mask.backend == "varlen" and mask.query_index is None:
+        from moonforge.attention import varlen_causal
+
+        out = varlen_causal(q, k, v, mask.document_ids, scale)
+    elif mask.backend == "flex":
+        from moonforge.attention import flex_causal
+
+        out = flex_causal(q, k, v, mask, scale)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense(q.shape[2], k.shape[2], q.device),
+                                             scale=scale)
+    return out.transpose(1, 2)
+
+
+class MLA(nn.Module):
+    """Multi-head Latent Attention: keys and values are rebuilt from a 512-dim latent plus a shared RoPE key."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c = config
+        self.nope_dim, self.rope_dim, self.v_dim = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
+        self.qk_dim = c.qk_head_dim
+        self.kv_lora_rank = c.kv_lora_rank
+        self.q_lora_rank = c.q_lora_rank
+        n_heads = c.num_attention_heads
+        if c.q_lora_rank is None:
+            self.q_proj = nn.Linear(c.hidden_size, n_heads * self.qk_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(c.hidden_size, c.q_lora_rank, bias=c.attention_bias)
+            self.q_a_layernorm = RMSNorm(c.q_lora_rank, c.kv_a_layernorm_eps)
+            self.q_b_proj = nn.Linear(c.q_lora_rank, n_heads * self.qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim, bias=c.attention_bias)
+        self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, c.kv_a_layernorm_eps)
+        self.kv_b_proj = nn.Linear(c.kv_lora_rank, n_heads * (c.qk_nope_head_dim + c.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(n_heads * c.v_head_dim, c.hidden_size, bias=c.attention_bias)
+        self.softmax_scale = c.softmax_scale()
+        # Context parallelism sets this to gather the latent KV of the whole sequence; None otherwise.
+        self.gather_context = None
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: AttentionMask) -> torch.Tensor:
+        bsz, seq, _ = x.shape
+        cos, sin = rope
+        q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(bsz, seq, -1, self.qk_dim)  # -1: the heads held here (all, or a tensor-parallel share)
+        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        q = torch.cat([q_nope, apply_rope(q_pe, cos[:, :, None], sin[:, :, None])], dim=-1)
+
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv)
+        k_pe = apply_rope(k_pe, cos, sin)
+        if self.gather_context is not None:
+            c_kv, k_pe = self.gather_context(c_kv, k_pe)
+        kv = self.kv_b_proj(c_kv).view(bsz, c_kv.shape[1], -1, self.nope_dim + self.v_dim)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        k = torch.cat([k_nope, k_pe[:, :, None, :].expand(-1, -1, k_nope.shape[2], -1)], dim=-1)
+        out = attention(q, k, v, mask, self.softmax_scale)
+        return self.o_proj(out.reshape(bsz, seq, -1))
+
+
+# ---------------------------------------------------------------------------------------------------- MLPs
+class MLP(nn.Module):
+    """SwiGLU feed-forward: the dense layers and the (fused) shared experts."""
+
+    def __init__(self, hidden: int, inter: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=False)
+        self.up_proj = nn.Linear(hidden, inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    """Top-k routing, computed in fp32.
+
+    ``e_score_correction_bias`` (aux-loss-free balancing) changes which experts are selected, never the weights:
+    weights come from the unbiased scores, renormalised when ``norm_topk_prob``, times ``routed_scaling_factor``.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c = config
+        self.n_experts, self.top_k = c.n_routed_experts, c.num_experts_per_tok
+        self.n_group, self.topk_group = c.n_group, c.topk_group
+        self.scoring_func, self.topk_method = c.scoring_func, c.topk_method
+        self.norm_topk_prob, self.scaling = c.norm_topk_prob, c.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(c.n_routed_experts, c.hidden_size))
+        if c.topk_method == "noaux_tc":  # DeepSeek-V2's routers have no correction bias
+            self.register_buffer("e_score_correction_bias", torch.zeros(c.n_routed_experts, dtype=torch.float32))
+        else:
+            self.e_score_correction_bias = None
+        # Routed slots per expert since the last balancing update (not saved: a step's counts are consumed by it).
+        self.register_buffer("tokens_per_expert", torch.zeros(c.n_routed_experts, dtype=torch.float32),
+                             persistent=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [T, H] -> (weights [T, k] fp32, expert ids [T, k], scores [T, E] fp32)."""
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        if self.topk_method == "noaux_tc":
+            choice = self._limit_groups(scores + self.e_score_correction_bias, fill=float("-inf"))
+            indices = choice.topk(self.top_k, dim=-1, sorted=False)[1]
+            weights = scores.gather(1, indices)
+        elif self.topk_method == "group_limited_greedy":
+            weights, indices = self._limit_groups(scores, fill=0.0).topk(self.top_k, dim=-1, sorted=False)
+        else:
+            weights, indices = scores.topk(self.top_k, dim=-1, sorted=False)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        weights = weights * self.scaling
+        if torch._C._current_graph_task_id() == -1:  # not a recomputation inside backward: count once
+            with torch.no_grad():
+                self.tokens_per_expert += torch.bincount(indices.flatten(), minlength=self.n_experts).float()
+        return weights, indices, scores
+
+    def _limit_groups(self, scores: torch.Tensor, fill: float) -> torch.Tensor:
+        """Keep the experts of the best ``topk_group`` groups: DeepSeek-V3 ranks groups by the sum of their
+        top-2 scores, DeepSeek-V2 by their maximum."""
+        if self.n_group <= 1:
+            return scores
+        grouped = scores.view(-1, self.n_group, self.n_experts // self.n_group)
+        if self.topk_method == "noaux_tc":
+            group_scores = grouped.topk(2, dim=-1)[0].sum(-1)
+        else:
+            group_scores = grouped.max(dim=-1).values
+        keep = group_scores.topk(self.topk_group, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+        return grouped.masked_fill(~group_mask[..., None], fill).view(-1, self.n_experts)
+
+    def reset_parameters(self, std: float) -> None:
+        nn.init.normal_(self.weight, std=std)
+        if self.e_score_correction_bias is not None:
+            nn.init.zeros_(self.e_score_correction_bias)
+        self.tokens_per_expert.zero_()
+
+
+class GroupedExperts(nn.Module):
+    """All routed experts as stacked weights, computed with one grouped GEMM per projection.
+
+    ``gate_up_proj`` is [E, 2, I, H] (gate then up) so that slicing I keeps each gate row with its up row;
+    ``down_proj`` is [E, H, I].
+    """
+
+    def __init__(self, n_experts: int, hidden: int, inter: int):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2, inter, hidden))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, hidden, inter))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """x [T, H], weights/indices [T, k] -> sum over the k chosen experts of weight * expert(x): [T, H]."""
+        n_tokens, top_k = indices.shape
+        order, counts = sort_by_expert(indices, self.gate_up_proj.shape[0])
+        h = expert_ffn(x[order // top_k], self.gate_up_proj, self.down_proj, counts)
+        return combine(h, order, weights)
+
+    def reset_parameters(self, std: float) -> None:
+        nn.init.normal_(self.gate_up_proj, std=std)
+        nn.init.normal_(self.down_proj, std=std)
+
+
+def sort_by_expert(indices: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stable order of the flattened (token, slot) pairs by expert id, and the count per expert."""
+    flat = indices.flatten()
+    return flat.argsort(stable=True), torch.bincount(flat, minlength=n_experts)
+
+
+def expert_ffn(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """SwiGLU of rows grouped by expert: x [N, H] sorted by expert, counts [E] rows per expert."""
+    n_experts, _, inter, hidden = gate_up.shape
+    offs = counts.cumsum(0).to(torch.int32)
+    dtype = x.dtype
+    w13 = gate_up.to(dtype).reshape(n_experts, 2 * inter, hidden).transpose(1, 2)
+    h = torch._grouped_mm(x, w13, offs=offs)
+    gate, up = h.split(inter, dim=-1)
+    h = F.silu(gate) * up
+    return torch._grouped_mm(h, down.to(dtype).transpose(1, 2), offs=offs)
+
+
+def combine(h: torch.Tensor, order: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted sum over each token's k expert outputs; h [T*k, H] in expert order. Deterministic (no atomics)."""
+    n_tokens, top_k = weights.shape
+    unsorted = torch.empty_like(h).index_copy_(0, order, h)
+    out = (unsorted.view(n_tokens, top_k, -1).float() * weights[..., None]).sum(dim=1)
+    return out.to(h.dtype)
+
+
+class MoE(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c = config
+        self.gate = Router(c)
+        self.experts = GroupedExperts(c.n_routed_experts, c.hidden_size, c.moe_intermediate_size)
+        self.shared_experts = (MLP(c.hidden_size, c.moe_intermediate_size * c.n_shared_experts)
+                               if c.n_shared_experts else None)
+        self.top_k = c.num_experts_per_tok
+        self.n_experts = c.n_routed_experts
+        # Sequence-wise auxiliary balance loss (DeepSeek-V3's seq_aux); 0 disables it.
+        self.aux_loss_coeff = 0.0
+        # Gradient scale of the auxiliary loss per summed sequence; the trainer sets it to 1 / sequences per step.
+        self.aux_loss_scale = 1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        tokens = x.reshape(-1, shape[-1])
+        weights, indices, scores = self.gate(tokens)
+        out = self.experts(tokens, weights, indices)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(tokens)
+        out = out.view(shape)
+        if self.aux_loss_coeff > 0 and torch.is_grad_enabled():
+            aux = seq_aux_loss(scores.view(shape[0], shape[1], -1), indices.view(shape[0], shape[1], -1),
+                               self.n_experts, self.top_k)
+            out = AuxLossGradient.apply(out, aux * (self.aux_loss_coeff * self.aux_loss_scale))
+        return out
+
+
+def seq_aux_loss(scores: torch.Tensor, indices: torch.Tensor, n_experts: int, top_k: int) -> torch.Tensor:
+    """Sum over sequences of DeepSeek-V3's sequence-wise balance loss  sum_i f_i * P_i  (without alpha).
+
+    scores [B, S, E] (sigmoid scores are normalised per token), indices [B, S, k].
+    f_i = E / (k S) * #tokens routed to i;  P_i = mean over tokens of the normalised score of i.
+    """
+    bsz, seq, _ = scores.shape
+    probs = scores / (scores.sum(dim=-1, keepdim=True) + 1e-20)
+    counts = torch.zeros(bsz, n_experts, device=scores.device, dtype=torch.float32)
+    counts.scatter_add_(1, indices.reshape(bsz, -1), torch.ones(bsz, seq * top_k, device=scores.device))
+    f = counts * (n_experts / (top_k * seq))
+    return (f * probs.mean(dim=1)).sum()
+
+
+class AuxLossGradient(torch.autograd.Function):
+    """Identity on the activations that also back-propagates a unit gradient into an auxiliary loss.
+
+    The auxiliary loss thereby joins the objective without being threaded through the model's outputs, which
+    keeps pipeline stages and activation checkpointing unaware of it.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(aux)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (aux,) = ctx.saved_tensors
+        return grad, torch.ones_like(aux)
+
+
+# ---------------------------------------------------------------------------------------------------- blocks
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = MLA(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MoE(config) if config.is_moe_layer(layer_idx) else MLP(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: AttentionMask) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    """Embedding, blocks and final norm (Hugging Face's ``model.`` prefix)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # A dict keyed by layer index keeps parameter names stable when pipeline stages drop layers.
+        self.layers = nn.ModuleDict({str(i): Block(config, i) for i in range(config.num_hidden_layers)})
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+
+
+class Transformer(nn.Module):
+    """Causal LM. ``forward(input_ids)`` returns logits [B, S, V].
+
+    Packed sequences: pass ``document_ids`` [B, S]; tokens never attend across documents and positions restart
+    at each document (unless ``position_ids`` are given). A pipeline stage holds a subset of ``model.layers``;
+    its ``embed_tokens`` or ``norm``/``lm_head`` may be None, and then it takes or returns hidden states.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = Decoder(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.attn_backend = "sdpa"
+        # Context parallelism sets this to describe the local share of the sequence; None otherwise.
+        self.context_parallel = None
+
+    def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None,
+                document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        m = self.model
+        h = m.embed_tokens(tokens) if m.embed_tokens is not None else tokens
+        if position_ids is None:
+            position_ids = (positions_from_documents(document_ids) if document_ids is not None
+                            else torch.arange(h.shape[1], device=h.device)[None].expand(h.shape[0], -1))
+        if self.context_parallel is not None:
+            mask = self.context_parallel.attention_mask(document_ids, self.attn_backend)
+        else:
+            mask = AttentionMask(document_ids=document_ids, backend=self.attn_backend)
+        rope = m.rotary_emb(position_ids)
+        for layer in m.layers.values():
+            h = layer(h, rope, mask)
+        if m.norm is not None:
+            h = m.norm(h)
+        return self.lm_head(h) if self.lm_head is not None else h
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """Hugging Face's initialisation: normal(0, initializer_range) matrices, unit norms, zero router bias."""
+        if seed is not None:
+            torch.manual_seed(seed)
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, (RMSNorm, RotaryEmbedding)):
+                module.reset_parameters()
+            elif isinstance(module, (Router, GroupedExperts)):
+                module.reset_parameters(std)
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """Recompute non-persistent buffers (after building on the meta device and materialising)."""
+        for module in self.modules():
+            if isinstance(module, RotaryEmbedding):
+                module.reset_parameters()
+            elif isinstance(module, Router):
+                module.tokens_per_expert.zero_()
+
+    def routers(self) -> dict[int, Router]:
+        return {int(i): layer.mlp.gate for i, layer in self.model.layers.items() if isinstance(layer.mlp, MoE)}
+
+
+def positions_from_documents(document_ids: torch.Tensor) -> torch.Tensor:
+    """Position of each token within its document, for rows of consecutive document ids [B, S]."""
+    seq = document_ids.shape[1]
+    idx = torch.arange(seq, device=document_ids.device).expand_as(document_ids)
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    start_idx = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    return idx - start_idx
+
+
+def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = 8192) -> torch.Tensor:
+    """Sum of token cross-entropies in fp32, ignoring IGNORE_INDEX; the logits are upcast chunk by chunk."""
+    logits = logits.reshape(-1, logits.shape[-1])
+    labels = labels.reshape(-1)
+    total = logits.new_zeros((), dtype=torch.float32)
+    for start in range(0, logits.shape[0], chunk_tokens):
+        chunk = logits[start:start + chunk_tokens].float()
+        total = total + F.cross_entropy(chunk, labels[start:start + chunk_tokens], ignore_index=IGNORE_INDEX,
+                                        reduction="sum")
+    return total
+
+
+def build_model(config: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                seed: int | None = 0) -> Transformer:
+    """A randomly initialised model (HF's initialisation); router bias stays fp32 whatever ``dtype``."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    model.to_empty(device=device)
+    model.init_weights(seed)
+    return cast_model(model, dtype)
+
+
+def cast_model(model: Transformer, dtype: torch.dtype) -> Transformer:
+    """Cast parameters to ``dtype``, keeping the router's correction bias and counters in fp32."""
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if param.dtype != dtype:
+                param.data = param.data.to(dtype)
+    return model
