@@ -1,0 +1,102 @@
+"""Model unit tests: gradients, routing details, load balancing and the sequence-wise auxiliary loss."""
+
+import math
+
+import torch
+
+from moonforge.config import preset
+from moonforge.model import (IGNORE_INDEX, MoE, Router, build_model, cross_entropy_sum, positions_from_documents,
+                             seq_aux_loss)
+from moonforge.train.balance import update_expert_bias
+
+
+def test_every_parameter_gets_a_gradient():
+    config = preset("tiny")
+    model = build_model(config, seed=0)
+    for moe in (m for m in model.modules() if isinstance(m, MoE)):
+        moe.aux_loss_coeff = 0.01
+    ids = torch.randint(0, config.vocab_size, (2, 32))
+    loss = cross_entropy_sum(model(ids)[:, :-1], ids[:, 1:])
+    loss.backward()
+    names = [n for n, p in model.named_parameters()]
+    assert "model.layers.1.mlp.gate.weight" in names
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_router_bias_selects_but_does_not_weight():
+    config = preset("tiny")
+    router = Router(config)
+    torch.manual_seed(0)
+    router.reset_parameters(0.02)
+    x = torch.randn(5, config.hidden_size)
+    w0, i0, scores = router(x)
+    # A huge bias on expert 7 forces it into every token's top-k, but its weight is from the unbiased score.
+    router.e_score_correction_bias[7] = 100.0
+    w1, i1, _ = router(x)
+    assert (i1 == 7).any(dim=1).all()
+    pos = (i1 == 7).nonzero()
+    for t, k in pos.tolist():
+        chosen = scores[t, i1[t]]
+        assert math.isclose(w1[t, k].item(), (scores[t, 7] / chosen.sum() * config.routed_scaling_factor).item(),
+                            rel_tol=1e-6)
+
+
+def test_tokens_per_expert_counts_every_routed_slot():
+    config = preset("tiny")
+    model = build_model(config, seed=0)
+    ids = torch.randint(0, config.vocab_size, (3, 10))
+    model(ids)
+    for router in model.routers().values():
+        assert router.tokens_per_expert.sum().item() == 3 * 10 * config.num_experts_per_tok
+
+
+def test_bias_update_matches_hand_computation():
+    config = preset("tiny").replace(n_routed_experts=4, num_experts_per_tok=2)
+    router = Router(config)
+    router.reset_parameters(0.02)
+    router.tokens_per_expert.copy_(torch.tensor([10.0, 2.0, 4.0, 4.0]))
+    # mean load 5: e = [-5, 3, 1, 1], sign = [-1, 1, 1, 1], mean sign 0.5 -> delta = u * [-1.5, .5, .5, .5]
+    counts = update_expert_bias({1: router}, rate=0.001)
+    assert torch.equal(counts[0], torch.tensor([10.0, 2.0, 4.0, 4.0]))
+    assert torch.allclose(router.e_score_correction_bias, torch.tensor([-0.0015, 0.0005, 0.0005, 0.0005]))
+    assert router.tokens_per_expert.sum() == 0
+    # Rate 0 freezes the bias.
+    router.tokens_per_expert.copy_(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    update_expert_bias({1: router}, rate=0.0)
+    assert torch.allclose(router.e_score_correction_bias, torch.tensor([-0.0015, 0.0005, 0.0005, 0.0005]))
+
+
+def test_seq_aux_loss_matches_hand_computation():
+    # One sequence of 2 tokens, 4 experts, top-2.
+    scores = torch.tensor([[[0.5, 0.5, 0.0, 0.0], [0.1, 0.2, 0.3, 0.4]]])
+    indices = torch.tensor([[[0, 1], [3, 2]]])
+    # Both tokens' scores already sum to 1, so the normalised scores are the scores.
+    p = torch.tensor([(0.5 + 0.1) / 2, (0.5 + 0.2) / 2, (0.0 + 0.3) / 2, (0.0 + 0.4) / 2])
+    f = torch.tensor([1.0, 1.0, 1.0, 1.0]) * 4 / (2 * 2)
+    assert torch.allclose(seq_aux_loss(scores, indices, 4, 2), (f * p).sum())
+    # Sequences are summed, not averaged: two copies give twice the loss.
+    assert torch.allclose(seq_aux_loss(scores.repeat(2, 1, 1), indices.repeat(2, 1, 1), 4, 2), 2 * (f * p).sum())
+
+
+def test_aux_loss_gradient_reaches_router():
+    config = preset("tiny")
+    model = build_model(config, seed=0)
+    for moe in (m for m in model.modules() if isinstance(m, MoE)):
+        moe.aux_loss_coeff = 1.0
+    ids = torch.randint(0, config.vocab_size, (2, 16))
+    (model(ids).sum() * 0).backward()  # only the auxiliary loss drives gradients
+    router = model.routers()[1]
+    assert router.weight.grad.abs().sum() > 0
+
+
+def test_positions_restart_per_document():
+    docs = torch.tensor([[0, 0, 0, 1, 1, 2], [5, 5, 5, 5, 5, 5]])
+    assert positions_from_documents(docs).tolist() == [[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]]
+
+
+def test_cross_entropy_ignores_masked_tokens():
+    logits = torch.randn(1, 4, 10)
+    labels = torch.tensor([[1, IGNORE_INDEX, 3, IGNORE_INDEX]])
+    want = torch.nn.functional.cross_entropy(logits[0, [0, 2]], labels[0, [0, 2]], reduction="sum")
+    assert torch.allclose(cross_entropy_sum(logits, labels, chunk_tokens=3), want)
