@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +22,16 @@ from typing import Iterable, Iterator
 
 import torch
 from safetensors import safe_open
+from torch.distributed.checkpoint import StorageReader
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata,
+    Metadata,
+    StorageMeta,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner
+from torch.futures import Future
 
 logger = logging.getLogger(__name__)
 
@@ -242,3 +254,130 @@ def expected_native_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]
 def iter_state(ckpt: HFCheckpoint, names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
     for name in names:
         yield name, ckpt.read(name)
+
+
+# ---------------------------------------------------------------------------------------------------- DCP bridge
+class HFStorageReader(StorageReader):
+    """Present a Hugging Face directory to ``torch.distributed.checkpoint.load`` in moonforge's names.
+
+    Every native tensor is one chunk of its global shape; each read request is served with a sliced safetensors
+    read, so a rank holding a shard (FSDP, TP, EP DTensors of any layout) reads only its slice from disk.
+    """
+
+    def __init__(self, ckpt: HFCheckpoint, names: Iterable[str] | None = None):
+        super().__init__()
+        self.ckpt = ckpt
+        self.names = sorted(names) if names is not None else ckpt.native_names()
+
+    def reset(self, checkpoint_id=None) -> None:
+        pass
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        tensors = {}
+        for name in self.names:
+            size = torch.Size(self.ckpt.native_shape(name))
+            tensors[name] = TensorStorageMetadata(
+                properties=TensorProperties(dtype=self.ckpt.native_dtype(name)), size=size,
+                chunks=[ChunkStorageMetadata(offsets=torch.Size([0] * len(size)), sizes=size)])
+        return Metadata(state_dict_metadata=tensors, planner_data={n: (n,) for n in tensors},
+                        storage_meta=StorageMeta(checkpoint_id=str(self.ckpt.path)))
+
+    def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args, **kwargs) -> None:
+        pass
+
+    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
+        return plans
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        for item in plan.items:
+            index = tuple(slice(o, o + n) for o, n in zip(item.storage_offsets, item.lengths))
+            source = self.ckpt.read(item.storage_index.fqn, index)
+            target = planner.resolve_tensor(item).detach()
+            target.copy_(source)
+            planner.commit_tensor(item, target)
+        future: Future = Future()
+        future.set_result(None)
+        return future
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id) -> bool:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------------- writing
+SAFETENSORS_DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+
+
+@dataclass
+class PlannedTensor:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+class SafetensorsStreamWriter:
+    """Write one safetensors file whose tensors are known in advance, one tensor at a time.
+
+    The header (names, dtypes, shapes, offsets) is written first; ``write`` then appends each tensor's bytes
+    in the planned order, so only the tensor being written is in memory.
+    """
+
+    def __init__(self, path: Path, tensors: list[PlannedTensor], metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        self.tensors = tensors
+        header: dict[str, dict] = {"__metadata__": dict(metadata or {"format": "pt"})}
+        offset = 0
+        for t in tensors:
+            header[t.name] = {"dtype": SAFETENSORS_DTYPE_NAMES[t.dtype], "shape": list(t.shape),
+                              "data_offsets": [offset, offset + t.nbytes]}
+            offset += t.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self._file = open(self.path, "wb")
+        self._file.write(len(raw).to_bytes(8, "little"))
+        self._file.write(raw)
+        self._next = 0
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        planned = self.tensors[self._next]
+        if name != planned.name or tuple(tensor.shape) != planned.shape or tensor.dtype != planned.dtype:
+            raise ValueError(f"{self.path}: expected {planned} next, got {name} {tuple(tensor.shape)} {tensor.dtype}")
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._file.write(memoryview(data))
+        self._next += 1
+
+    @property
+    def done(self) -> bool:
+        return self._next == len(self.tensors)
+
+    def close(self) -> None:
+        if not self.done:
+            raise ValueError(f"{self.path}: closed after {self._next} of {len(self.tensors)} tensors")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+
+
+def plan_shards(tensors: list[PlannedTensor], max_shard_bytes: int) -> list[list[PlannedTensor]]:
+    """Split tensors, in order, into shards of at most ``max_shard_bytes`` (a larger tensor gets its own)."""
+    shards: list[list[PlannedTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return shards
+
+
+def shard_file_name(index: int, count: int) -> str:
+    """Hugging Face's shard naming, model-00001-of-00003.safetensors (kept for one shard too: the index names it)."""
+    return f"model-{index + 1:05d}-of-{count:05d}.safetensors"
