@@ -10,6 +10,7 @@ stored stacked as ``experts.gate_up_proj`` [E, 2, I, H] and ``experts.down_proj`
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -169,8 +170,9 @@ class MLA(nn.Module):
         self.kv_b_proj = nn.Linear(c.kv_lora_rank, n_heads * (c.qk_nope_head_dim + c.v_head_dim), bias=False)
         self.o_proj = nn.Linear(n_heads * c.v_head_dim, c.hidden_size, bias=c.attention_bias)
         self.softmax_scale = c.softmax_scale()
-        # Context parallelism sets this to gather the latent KV of the whole sequence; None otherwise.
-        self.gather_context = None
+        # Parallelisms that act on the compressed KV add functions (c_kv, k_pe) -> (c_kv, k_pe) here: context
+        # parallelism gathers the whole sequence, tensor parallelism sums the shared RoPE key's gradient over heads.
+        self.latent_hooks: list = []
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: AttentionMask) -> torch.Tensor:
         bsz, seq, _ = x.shape
@@ -183,8 +185,8 @@ class MLA(nn.Module):
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)
         k_pe = apply_rope(k_pe, cos, sin)
-        if self.gather_context is not None:
-            c_kv, k_pe = self.gather_context(c_kv, k_pe)
+        for hook in self.latent_hooks:
+            c_kv, k_pe = hook(c_kv, k_pe)
         kv = self.kv_b_proj(c_kv).view(bsz, c_kv.shape[1], -1, self.nope_dim + self.v_dim)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         k = torch.cat([k_nope, k_pe[:, :, None, :].expand(-1, -1, k_nope.shape[2], -1)], dim=-1)
@@ -204,6 +206,20 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+_COUNT_ROUTING = [True]
+
+
+@contextmanager
+def routing_counts_paused():
+    """Forward passes that are not training (e.g. a pipeline stage inferring its shapes) leave no counts."""
+    previous = _COUNT_ROUTING[0]
+    _COUNT_ROUTING[0] = False
+    try:
+        yield
+    finally:
+        _COUNT_ROUTING[0] = previous
 
 
 class Router(nn.Module):
@@ -244,7 +260,7 @@ class Router(nn.Module):
         if self.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         weights = weights * self.scaling
-        if torch._C._current_graph_task_id() == -1:  # not a recomputation inside backward: count once
+        if _COUNT_ROUTING[0] and torch._C._current_graph_task_id() == -1:  # not a recomputation in backward
             with torch.no_grad():
                 self.tokens_per_expert += torch.bincount(indices.flatten(), minlength=self.n_experts).float()
         return weights, indices, scores
@@ -334,6 +350,8 @@ class MoE(nn.Module):
         self.aux_loss_coeff = 0.0
         # Gradient scale of the auxiliary loss per summed sequence; the trainer sets it to 1 / sequences per step.
         self.aux_loss_scale = 1.0
+        # Ranks holding other parts of the same sequences (context/sequence parallelism); None when whole.
+        self.seq_group = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -345,23 +363,31 @@ class MoE(nn.Module):
         out = out.view(shape)
         if self.aux_loss_coeff > 0 and torch.is_grad_enabled():
             aux = seq_aux_loss(scores.view(shape[0], shape[1], -1), indices.view(shape[0], shape[1], -1),
-                               self.n_experts, self.top_k)
+                               self.n_experts, self.top_k, self.seq_group)
             out = AuxLossGradient.apply(out, aux * (self.aux_loss_coeff * self.aux_loss_scale))
         return out
 
 
-def seq_aux_loss(scores: torch.Tensor, indices: torch.Tensor, n_experts: int, top_k: int) -> torch.Tensor:
+def seq_aux_loss(scores: torch.Tensor, indices: torch.Tensor, n_experts: int, top_k: int,
+                 group=None) -> torch.Tensor:
     """Sum over sequences of DeepSeek-V3's sequence-wise balance loss  sum_i f_i * P_i  (without alpha).
 
     scores [B, S, E] (sigmoid scores are normalised per token), indices [B, S, k].
     f_i = E / (k S) * #tokens routed to i;  P_i = mean over tokens of the normalised score of i.
+    When ``group`` holds the other parts of the same sequences, f uses the whole sequences' counts and each
+    rank returns its share of the P sums, so the shares add up to the loss of the whole sequences.
     """
     bsz, seq, _ = scores.shape
     probs = scores / (scores.sum(dim=-1, keepdim=True) + 1e-20)
     counts = torch.zeros(bsz, n_experts, device=scores.device, dtype=torch.float32)
     counts.scatter_add_(1, indices.reshape(bsz, -1), torch.ones(bsz, seq * top_k, device=scores.device))
+    if group is not None:
+        import torch.distributed as dist
+
+        dist.all_reduce(counts, group=group)
+        seq *= dist.get_world_size(group)
     f = counts * (n_experts / (top_k * seq))
-    return (f * probs.mean(dim=1)).sum()
+    return (f * probs.sum(dim=1) / seq).sum()
 
 
 class AuxLossGradient(torch.autograd.Function):

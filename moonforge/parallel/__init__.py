@@ -1,0 +1,156 @@
+"""Apply parallelism to a Transformer from outside: pipeline split, tensor/sequence, expert, context, activation
+checkpointing, compilation and FSDP, in that order (TorchTitan's recipe). Also the gradient norm over
+differently sharded parameters."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from moonforge.model import MoE, Router, Transformer
+from moonforge.parallel.checkpointing import apply_activation_checkpointing
+from moonforge.parallel.context import apply_context_parallel
+from moonforge.parallel.dims import ParallelDims
+from moonforge.parallel.expert import apply_expert_parallel, reduce_expert_grads
+from moonforge.parallel.fsdp import apply_fsdp
+from moonforge.parallel.mesh import Meshes, build_meshes, init_distributed
+from moonforge.parallel.pipeline import split_stages
+from moonforge.parallel.tensor import apply_tensor_parallel
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ParallelDims", "ParallelModel", "Meshes", "build_meshes", "init_distributed", "parallelize",
+           "clip_grad_norm"]
+
+
+@dataclass
+class ParallelModel:
+    """The model parts this rank runs, and what the trainer needs to drive them."""
+
+    parts: list[Transformer]
+    stage_ids: list[int]
+    meshes: Meshes
+    expert_params: list[nn.Parameter] = field(default_factory=list)
+    fsdp_modules: list = field(default_factory=list)
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.meshes.dims.stage_layers(self.parts[0].config.num_hidden_layers))
+
+    @property
+    def has_first_stage(self) -> bool:
+        return 0 in self.stage_ids
+
+    @property
+    def has_last_stage(self) -> bool:
+        return self.num_stages - 1 in self.stage_ids
+
+    def parameters(self):
+        for part in self.parts:
+            yield from part.parameters()
+
+    def named_parameters(self):
+        for part in self.parts:
+            yield from part.named_parameters()
+
+    def routers(self) -> dict[int, Router]:
+        routers = {}
+        for part in self.parts:
+            routers.update(part.routers())
+        return routers
+
+    def moe_layers(self) -> list[MoE]:
+        return [m for part in self.parts for m in part.modules() if isinstance(m, MoE)]
+
+    def reduce_gradients(self) -> None:
+        """Gradient sums FSDP does not do itself (expert weights over their data-parallel replicas)."""
+        reduce_expert_grads(self.expert_params, self.meshes)
+
+
+def parallelize(model: Transformer, meshes: Meshes, *, param_dtype: torch.dtype = torch.float32,
+                reduce_dtype: torch.dtype = torch.float32, use_fsdp: bool = True, replicate: bool = False,
+                reshard_after_forward: bool = True, activation_checkpointing: str = "none",
+                ac_layers: int | None = None, compile: bool = False, attention_backend: str = "sdpa",
+                offload_fraction: float = 0.0) -> ParallelModel:
+    """Parallelise a model built on the meta device; materialise with ``materialize`` afterwards."""
+    dims = meshes.dims
+    if dims.pp > 1:
+        if model.config.tie_word_embeddings:
+            raise ValueError("pipeline parallelism with tied embeddings is not supported")
+        parts, stage_ids = split_stages(model, meshes)
+    else:
+        parts, stage_ids = [model], [0]
+    pm = ParallelModel(parts=parts, stage_ids=stage_ids, meshes=meshes)
+    sequence_split = dims.cp > 1 or dims.tp > 1
+    for part in parts:
+        part.attn_backend = attention_backend
+        if dims.tp > 1:
+            apply_tensor_parallel(part, meshes)
+        pm.expert_params += apply_expert_parallel([part], meshes)
+        if dims.cp > 1:
+            apply_context_parallel(part, meshes.group("cp"))
+        if sequence_split:
+            for moe in (m for m in part.modules() if isinstance(m, MoE)):
+                moe.seq_group = meshes.cp_tp.get_group()
+        apply_activation_checkpointing(part, activation_checkpointing, ac_layers)
+        if compile:
+            for block in part.model.layers.values():
+                block.compile()
+        if use_fsdp:
+            n_blocks = len(part.model.layers)
+            offload_blocks = round(offload_fraction * n_blocks)
+            pm.fsdp_modules += apply_fsdp(part, meshes, param_dtype=param_dtype, reduce_dtype=reduce_dtype,
+                                          replicate=replicate, reshard_after_forward=reshard_after_forward,
+                                          ignored_params=set(pm.expert_params), offload_blocks=offload_blocks)
+    return pm
+
+
+def materialize(pm: ParallelModel, device: torch.device, init_seed: int | None = None) -> None:
+    """Allocate the parameters of a meta-device parallel model; random-initialise them if ``init_seed`` is set."""
+    for part in pm.parts:
+        part.to_empty(device=device)
+        if init_seed is not None:
+            part.init_weights(init_seed + dist.get_rank() if dist.is_initialized() else init_seed)
+        part.reset_buffers()
+
+
+def _is_shard(placement) -> bool:
+    # FSDP2 on top of a tensor-parallel dim-0 shard uses _StridedShard, which is not a Shard subclass everywhere.
+    return placement.is_shard() or type(placement).__name__ == "_StridedShard"
+
+
+@torch.no_grad()
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float, meshes: Meshes | None) -> torch.Tensor:
+    """Global L2 norm of all gradients, however each is sharded or replicated, then clipped to ``max_norm``.
+
+    Each rank weights its local squared norm by the number of distinct shards of that parameter and divides
+    by the ranks per pipeline stage: summed over the world, every element then counts exactly once.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    device = grads[0].device if grads else (meshes.device if meshes else torch.device("cpu"))
+    total = torch.zeros((), dtype=torch.float64, device=device if device.type != "meta" else "cpu")
+    for g in grads:
+        if isinstance(g, DTensor):
+            local = g.to_local()
+            shards = 1
+            for size, placement in zip(g.device_mesh.shape, g.placements):
+                if _is_shard(placement):
+                    shards *= size
+        else:
+            local, shards = g, 1
+        total += local.detach().double().pow(2).sum().to(total.device) * shards
+    if meshes is not None and dist.is_initialized() and dist.get_world_size() > 1:
+        total /= meshes.dims.stage_size
+        total = total.to(meshes.device)
+        dist.all_reduce(total)
+    norm = total.sqrt()
+    if max_norm > 0 and torch.isfinite(norm):
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(coef.to(g.device, g.dtype) if not isinstance(g, DTensor) else coef.item())
+    return norm

@@ -106,22 +106,22 @@ class ParallelDims:
                     f"parallel layout: {num_layers} layers do not split evenly over PP={pp} stages; set an uneven "
                     f"first stage with pp0_layers (MP_PP0_LAYERS), e.g. one of {options}")
             counts = [num_layers // pp] * pp
+        if self.vp_layers:
+            # Virtual stages: the layers in order, in chunks of vp_layers; chunk s runs on pipeline rank s % PP.
+            if self.pp0_layers is not None:
+                raise ConfigError("parallel layout: pp0_layers (MP_PP0_LAYERS) cannot be combined with vp_layers "
+                                  "(MP_VP); use one of them")
+            chunks = num_layers // self.vp_layers
+            if num_layers % self.vp_layers or chunks % pp or chunks == pp:
+                raise ConfigError(
+                    f"parallel layout: {num_layers} layers in chunks of vp_layers={self.vp_layers} (MP_VP) must give "
+                    f"a multiple of PP={pp} chunks, more than PP; e.g. vp_layers="
+                    f"{next((v for v in range(num_layers // (2 * pp), 0, -1) if num_layers % (v * pp) == 0), 1)}")
+            return [list(range(i, i + self.vp_layers)) for i in range(0, num_layers, self.vp_layers)]
         stages, start = [], 0
         for n in counts:
             stages.append(list(range(start, start + n)))
             start += n
-        if self.vp_layers:
-            if any(len(s) % self.vp_layers for s in stages):
-                raise ConfigError(
-                    f"parallel layout: each pipeline stage's layers {[len(s) for s in stages]} must be a multiple of "
-                    f"vp_layers={self.vp_layers} (MP_VP)")
-            chunks = [[s[i:i + self.vp_layers] for i in range(0, len(s), self.vp_layers)] for s in stages]
-            n_virtual = len(chunks[0])
-            if any(len(c) != n_virtual for c in chunks):
-                raise ConfigError("parallel layout: virtual pipeline stages need the same number of chunks per stage; "
-                                  "use an even split (no pp0_layers) with MP_VP")
-            # Interleaved order: virtual stage v of rank r is global stage v * pp + r.
-            stages = [chunks[r][v] for v in range(n_virtual) for r in range(pp)]
         return stages
 
     def describe(self) -> str:

@@ -1,0 +1,126 @@
+"""Expert parallelism: routed experts split over EP ranks (whole experts) and ETP ranks (slices of each expert's
+intermediate dimension), with an all-to-all token dispatcher.
+
+Every rank of a pipeline stage enters the MoE with its own, distinct tokens. One MoE layer then does:
+
+    ETP all-gather tokens and routing  ->  sort by expert  ->  EP all-to-all (dispatch)  ->  grouped GEMMs on the
+    local experts' slices  ->  EP all-to-all (combine)  ->  weight and sum the k outputs  ->  ETP reduce-scatter
+
+Expert weights become DTensors on the (ep, etp) mesh with placements (Shard(0), Shard(2)): global shapes stay
+[E, 2, I, H] / [E, H, I], so checkpoints do not depend on the layout. Replicas across EDP get their gradients
+summed by ``reduce_expert_grads``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed._functional_collectives import (all_gather_tensor_autograd, all_to_all_single_autograd,
+                                                       reduce_scatter_tensor_autograd)
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+from moonforge.model import GroupedExperts, MoE, combine, expert_ffn, sort_by_expert
+from moonforge.parallel.mesh import Meshes
+
+
+def apply_expert_parallel(parts: list[nn.Module], meshes: Meshes) -> list[nn.Parameter]:
+    """Shard every MoE's routed experts over (EP, ETP); returns the expert parameters (FSDP must ignore them)."""
+    dims = meshes.dims
+    params: list[nn.Parameter] = []
+    if dims.ep * dims.etp == 1:
+        return params
+    mesh = meshes.ep_etp
+    placements = (Shard(0), Shard(2))
+    for part in parts:
+        for moe in (m for m in part.modules() if isinstance(m, MoE)):
+            experts = moe.experts
+            for name in ("gate_up_proj", "down_proj"):
+                param = getattr(experts, name)
+                dt = distribute_tensor(param.data, mesh, placements, src_data_rank=None) \
+                    if param.device.type != "meta" else DTensor.from_local(
+                        torch.empty(_local_shape(param.shape, mesh, placements), device="meta", dtype=param.dtype),
+                        mesh, placements, run_check=False)
+                new = nn.Parameter(dt, requires_grad=param.requires_grad)
+                setattr(experts, name, new)
+                params.append(new)
+            experts.forward = _ParallelExperts(experts, meshes).forward
+    return params
+
+
+def _local_shape(shape, mesh, placements) -> tuple[int, ...]:
+    local = list(shape)
+    for dim_size, p in zip(mesh.shape, placements):
+        local[p.dim] //= dim_size
+    return tuple(local)
+
+
+class _ParallelExperts:
+    """Replacement forward for a GroupedExperts whose weights are (EP, ETP)-sharded DTensors."""
+
+    def __init__(self, experts: GroupedExperts, meshes: Meshes):
+        self.experts = experts
+        self.ep_group = meshes.group("ep")
+        self.etp_group = meshes.group("etp")
+        self.ep = meshes.dims.ep
+        self.etp = meshes.dims.etp
+        self.n_experts = experts.gate_up_proj.shape[0]
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        gate_up = self.experts.gate_up_proj.to_local()
+        down = self.experts.down_proj.to_local()
+        if self.etp > 1:
+            x = all_gather_tensor_autograd(x, gather_dim=0, group=self.etp_group)
+            weights = all_gather_tensor_autograd(weights, gather_dim=0, group=self.etp_group)
+            indices = _all_gather_no_grad(indices, self.etp_group)
+        top_k = indices.shape[1]
+        order, counts = sort_by_expert(indices, self.n_experts)
+        routed = x[order // top_k]
+        if self.ep > 1:
+            h = self._dispatch_compute_combine(routed, counts, gate_up, down)
+        else:
+            h = expert_ffn(routed, gate_up, down, counts)
+        out = combine(h, order, weights)
+        if self.etp > 1:
+            out = reduce_scatter_tensor_autograd(out, "sum", scatter_dim=0, group=self.etp_group)
+        return out
+
+    def _dispatch_compute_combine(self, routed: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor,
+                                  down: torch.Tensor) -> torch.Tensor:
+        ep, local_experts = self.ep, self.n_experts // self.ep
+        send = counts.view(ep, local_experts)                  # rows for each destination rank, per its expert
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=self.ep_group)  # recv[src, e]: rows from src for local expert e
+        splits = torch.stack([send.sum(1), recv.sum(1)]).tolist()  # one host sync per layer
+        send_splits, recv_splits = splits
+        received = all_to_all_single_autograd(routed, recv_splits, send_splits, self.ep_group)
+        # Received rows are ordered (source rank, expert); the grouped GEMM wants (expert, source rank).
+        segment = torch.arange(ep * local_experts, device=routed.device).view(ep, local_experts)
+        segment_of_row = torch.repeat_interleave((segment % local_experts) * ep + segment // local_experts,
+                                                 recv.flatten(), output_size=received.shape[0])
+        by_expert = segment_of_row.argsort(stable=True)
+        h = expert_ffn(received[by_expert], gate_up, down, recv.sum(0))
+        h = torch.empty_like(h).index_copy_(0, by_expert, h)
+        return all_to_all_single_autograd(h, send_splits, recv_splits, self.ep_group)
+
+
+def _all_gather_no_grad(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    size = dist.get_world_size(group)
+    out = torch.empty((size * t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)
+    dist.all_gather_into_tensor(out, t.contiguous(), group=group)
+    return out
+
+
+@torch.no_grad()
+def reduce_expert_grads(expert_params: list[nn.Parameter], meshes: Meshes) -> None:
+    """Sum expert gradients over EDP replicas (FSDP does not manage expert parameters)."""
+    if meshes.dims.edp == 1 or not expert_params:
+        return
+    group = meshes.group("edp")
+    grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in expert_params if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=group)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()

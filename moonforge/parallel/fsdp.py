@@ -1,0 +1,54 @@
+"""Data parallelism with FSDP2: parameters, gradients and optimizer state sharded over the data-parallel ranks
+(``data_parallel: fsdp``, the seed's DO=true), or replicated with gradients all-reduced (``replicate``).
+
+Groups: one per decoder block (attention side over DP x CP), one per MoE layer's router and shared experts over
+the whole stage (their tokens differ on every rank of the stage, TP ranks included; when EP x ETP = 1 the
+routed experts join this group), and the root (embedding, final norm, lm_head). Expert-parallel weights are left
+to ``expert.reduce_expert_grads``. Gradients are summed, not averaged: the loss is already divided by the global
+number of loss tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+from moonforge.model import MoE, Transformer
+from moonforge.parallel.mesh import Meshes
+
+
+def apply_fsdp(part: Transformer, meshes: Meshes, *, param_dtype: torch.dtype, reduce_dtype: torch.dtype,
+               replicate: bool, reshard_after_forward: bool, ignored_params: set[nn.Parameter],
+               offload_blocks: int = 0) -> list:
+    """Wrap ``part`` with fully_shard; returns the FSDP modules (for gradient-sync control)."""
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    router_mp = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+    dense_mesh = meshes.dp_cp_replicate if replicate else meshes.dp_cp
+    stage_mesh = meshes.stage_replicate if replicate else meshes.stage
+    wrapped = []
+    for i, block in enumerate(part.model.layers.values()):
+        offload: OffloadPolicy = CPUOffloadPolicy() if i < offload_blocks else OffloadPolicy()
+        if isinstance(block.mlp, MoE):
+            moe = block.mlp
+            # The router computes in fp32 whatever the compute dtype (the reference keeps it fp32 too).
+            wrapped.append(fully_shard(moe.gate, mesh=stage_mesh, mp_policy=router_mp, offload_policy=offload,
+                                       reshard_after_forward=reshard_after_forward))
+            moe_modules = [m for m in (moe.shared_experts, moe.experts) if m is not None]
+            wrapped.append(fully_shard(moe_modules, mesh=stage_mesh, mp_policy=mp, offload_policy=offload,
+                                       reshard_after_forward=reshard_after_forward, ignored_params=ignored_params))
+        wrapped.append(fully_shard(block, mesh=dense_mesh, mp_policy=mp, offload_policy=offload,
+                                   reshard_after_forward=reshard_after_forward, ignored_params=ignored_params))
+    wrapped.append(fully_shard(part, mesh=dense_mesh, mp_policy=mp, reshard_after_forward=False,
+                               ignored_params=ignored_params))
+    for module in wrapped:
+        _sum_gradients(module)
+    return wrapped
+
+
+def _sum_gradients(module) -> None:
+    if isinstance(module, list):  # modules sharded together share one FSDP state
+        module = module[0]
+    module.set_gradient_divide_factor(1.0)
+    # A plain sum needs no pre-multiplied reduction (which gloo lacks and NCCL cannot do zero-copy).
+    module.set_force_sum_reduction_for_comms(True)

@@ -1,0 +1,424 @@
+"""The training loop: continued pretraining and SFT on any parallel layout, from one CPU process to many GPUs.
+
+One optimizer step = one global batch = GBS samples, split into micro-batches of MBS per data-parallel rank.
+The loss is the sum of token cross-entropies over the whole global batch divided by its number of loss tokens
+(pretraining: every token; SFT: assistant tokens), so micro-batching and data parallelism never change it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from moonforge.config import ConfigError, ModelConfig, preset
+from moonforge.model import MoE, Transformer, cross_entropy_sum, positions_from_documents
+from moonforge.parallel import ParallelDims, ParallelModel, build_meshes, clip_grad_norm, init_distributed, \
+    materialize, parallelize
+from moonforge.parallel.context import shard_sequence
+from moonforge.train.balance import update_expert_bias
+from moonforge.train.config import TrainConfig
+from moonforge.train.metrics import MEASURED_MATMUL_TFLOPS, PEAK_TFLOPS, MetricsLogger
+from moonforge.train.optim import build_optimizer, set_lr
+from moonforge.train.schedule import LRSchedule
+from moonforge.utils import seed_everything
+
+logger = logging.getLogger("moonforge.train")
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped on purpose (too many non-finite steps); a checkpoint was written first."""
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float
+    skipped: bool
+    loss_tokens: int
+    expert_load: list[tuple[float, float]] | None = None
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.rank, self.world, self.device = init_distributed()
+        self.model_config = resolve_model_config(cfg)
+        self.dims = ParallelDims.for_world(self.world, **_parallel_kwargs(cfg)).validate(self.model_config,
+                                                                                         cfg.seq_len)
+        dp, mbs = self.dims.dp, cfg.micro_batch_size
+        if cfg.global_batch_size % (mbs * dp):
+            raise ConfigError(f"global_batch_size ({cfg.global_batch_size}) must be a multiple of micro_batch_size x "
+                              f"data-parallel size ({mbs} x {dp} = {mbs * dp})")
+        self.grad_accum = cfg.global_batch_size // (mbs * dp)
+        if self.dims.pp > 1 and self.dims.vp_layers and self.grad_accum % self.dims.pp:
+            raise ConfigError(f"interleaved pipeline (vp_layers) needs gradient-accumulation steps "
+                              f"({self.grad_accum}) divisible by PP ({self.dims.pp})")
+        _check_precision(cfg.precision, self.device)
+        seed_everything(cfg.seed)
+        self.meshes = build_meshes(self.dims, self.device, replicate=cfg.parallel.data_parallel == "replicate")
+        self.output_dir = Path(cfg.output_dir)
+        self.pm = self._build_model()
+        self.optimizer = build_optimizer(cfg, list(self.pm.named_parameters()), self.device)
+        self.train_iters, self.warmup_iters, decay_iters = cfg.iterations()
+        self.schedule = LRSchedule(cfg.lr, cfg.min_lr, self.warmup_iters, decay_iters, cfg.lr_decay_style)
+        self.loss_scale = (cfg.loss_scale or 2.0 ** 16) if cfg.precision == "fp16" else 1.0
+        self.good_steps_since_scale = 0
+        self.iteration = 0
+        self.consumed_samples = 0
+        self.skipped_total = 0
+        self.skipped_in_a_row = 0
+        self._global_tokens = 1
+        self.pp_schedule = self._build_pp_schedule() if self.dims.pp > 1 else None
+        self.train_loader, self.valid_loader = self._build_data()
+        self.checkpoints = self._build_checkpointing()
+        self.metrics = MetricsLogger(self.output_dir, enabled=self.rank == 0, tensorboard=cfg.tensorboard)
+        self._load_initial_state()
+
+    # ------------------------------------------------------------------ set-up
+    def _build_model(self) -> ParallelModel:
+        cfg = self.cfg
+        with torch.device("meta"):
+            model = Transformer(self.model_config)
+        param_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+                       "fp8": torch.bfloat16}[cfg.precision]
+        use_fsdp = self.dims.stage_size > 1 or param_dtype != torch.float32
+        pm = parallelize(model, self.meshes, param_dtype=param_dtype, reduce_dtype=torch.float32, use_fsdp=use_fsdp,
+                         replicate=cfg.parallel.data_parallel == "replicate",
+                         reshard_after_forward=cfg.parallel.reshard_after_forward and self.dims.pp == 1,
+                         activation_checkpointing=cfg.activation_checkpointing, ac_layers=cfg.ac_layers,
+                         compile=cfg.compile, attention_backend=cfg.attention_backend,
+                         offload_fraction=cfg.optimizer_offload)
+        materialize(pm, self.device, init_seed=None if cfg.init_from else cfg.seed)
+        for moe in pm.moe_layers():
+            moe.aux_loss_coeff = cfg.aux_loss_coeff
+            moe.aux_loss_scale = 1.0 / cfg.global_batch_size
+        return pm
+
+    def _build_pp_schedule(self):
+        from moonforge.parallel.pipeline import build_schedule
+
+        def loss_fn(logits, labels):
+            return cross_entropy_sum(logits, labels) * (self.loss_scale / self._global_tokens)
+
+        return build_schedule(self.pm.parts, self.pm.stage_ids, self.meshes, self.grad_accum, loss_fn)
+
+    def _build_data(self):
+        from moonforge.train.data import build_loaders
+
+        return build_loaders(self.cfg, self.meshes, self.train_iters, self.model_config.vocab_size)
+
+    def _build_checkpointing(self):
+        from moonforge.checkpoint.native import CheckpointManager, write_checkpoint_skeleton
+
+        root = self.output_dir / "checkpoint"
+        if self.rank == 0:
+            tokenizer_src = _tokenizer_source(self.cfg)
+            write_checkpoint_skeleton(root, self.model_config, tokenizer_src)
+        if dist.is_initialized():
+            dist.barrier()
+        return CheckpointManager(root, keep_last=self.cfg.keep_last, async_save=self.cfg.async_save)
+
+    def _state(self) -> dict:
+        from moonforge.checkpoint.native import ModelState, OptimizerState
+
+        return {
+            "model": ModelState(self.pm.parts),
+            "optimizer": OptimizerState(self.pm.parts, [self.optimizer]),
+            "dataloader": self.train_loader.state_dict(),
+            "trainer": {"iteration": self.iteration, "consumed_samples": self.consumed_samples,
+                        "skipped_total": self.skipped_total, "loss_scale": self.loss_scale,
+                        "good_steps_since_scale": self.good_steps_since_scale},
+        }
+
+    def _load_initial_state(self) -> None:
+        latest = self.checkpoints.latest_iteration() if self.cfg.resume else None
+        if latest is not None:
+            state = self._state()
+            meta = self.checkpoints.load(state, latest)
+            t = state["trainer"]
+            self.iteration, self.consumed_samples = int(t["iteration"]), int(t["consumed_samples"])
+            self.skipped_total, self.loss_scale = int(t["skipped_total"]), float(t["loss_scale"])
+            self.good_steps_since_scale = int(t["good_steps_since_scale"])
+            self.train_loader.load_state_dict(state["dataloader"])
+            logger.info("resumed from %s at iteration %d (%s)", self.checkpoints.root, self.iteration,
+                        meta.get("layout", "layout not recorded"))
+        elif self.cfg.init_from:
+            from moonforge.checkpoint.native import load_model_weights
+
+            for part in self.pm.parts:
+                load_model_weights(part, self.cfg.init_from)
+            logger.info("initialised weights from %s", self.cfg.init_from)
+
+    # ------------------------------------------------------------------ one step
+    def _prepare(self, batch) -> dict:
+        # Positions are always explicit: under sequence or context parallelism a rank sees only part of a row.
+        ids, labels, docs = batch.input_ids, batch.labels, batch.document_ids
+        positions = (positions_from_documents(docs) if docs is not None
+                     else torch.arange(ids.shape[1]).expand_as(ids))
+        cp = self.dims.cp
+        if cp > 1:
+            if docs is None:
+                docs = torch.zeros_like(ids)
+            rank = self.meshes.coordinate("cp")
+            ids, labels, docs, positions = (shard_sequence(t, cp, rank) for t in (ids, labels, docs, positions))
+        out = {"tokens": ids, "labels": labels, "position_ids": positions}
+        if docs is not None:
+            out["document_ids"] = docs
+        return {k: v.to(self.device, non_blocking=True) for k, v in out.items()}
+
+    def _global_loss_tokens(self, micro_batches) -> int:
+        local = torch.tensor(sum(int(b.num_loss_tokens()) for b in micro_batches), dtype=torch.float64,
+                             device=self.device)
+        if self.world > 1:
+            dist.all_reduce(local, group=self.meshes.world.get_group("dp"))
+        return int(local.item())
+
+    def train_step(self, micro_batches) -> StepResult:
+        """Forward and backward over this rank's micro-batches of one global batch, then one optimizer step."""
+        pm = self.pm
+        self._global_tokens = max(self._global_loss_tokens(micro_batches), 1)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        if self.pp_schedule is None:
+            part = pm.parts[0]
+            for batch in micro_batches:
+                inp = self._prepare(batch)
+                labels = inp.pop("labels")
+                logits = part(inp.pop("tokens"), **inp)
+                loss = cross_entropy_sum(logits, labels) / self._global_tokens
+                (loss * self.loss_scale).backward()
+                loss_sum += loss.detach().double()
+        else:
+            loss_sum += self._pipeline_forward_backward(micro_batches)
+        pm.reduce_gradients()
+        params = [p for p in pm.parameters() if p.grad is not None]
+        if self.loss_scale != 1.0:
+            for p in params:
+                p.grad.div_(self.loss_scale)
+        loss = self._reduce_loss(loss_sum)
+        grad_norm = clip_grad_norm(params, self.cfg.clip_grad, self.meshes if self.world > 1 else None)
+        finite = bool(torch.isfinite(grad_norm)) and math.isfinite(loss)
+        if finite:
+            self.optimizer.step()
+            self.skipped_in_a_row = 0
+        else:
+            self.skipped_total += 1
+            self.skipped_in_a_row += 1
+        self._update_loss_scale(finite)
+        counts = update_expert_bias(pm.routers(), self.cfg.expert_bias_update_rate if finite else 0.0,
+                                    group=self.meshes.stage.get_group() if self.world > 1 else None)
+        self.optimizer.zero_grad(set_to_none=True)
+        tokens = torch.tensor(self._global_tokens)
+        return StepResult(loss=loss, grad_norm=float(grad_norm), skipped=not finite, loss_tokens=int(tokens),
+                          expert_load=self._expert_load(counts))
+
+    def _pipeline_forward_backward(self, micro_batches) -> torch.Tensor:
+        prepared = [self._prepare(b) for b in micro_batches]
+        cat = {k: torch.cat([p[k] for p in prepared]) for k in prepared[0]}
+        kwargs = {k: cat[k] for k in ("document_ids", "position_ids") if k in cat}
+        losses: list[torch.Tensor] = []
+        pm = self.pm
+        if pm.has_first_stage:
+            self.pp_schedule.step(cat["tokens"], target=cat["labels"] if pm.has_last_stage else None,
+                                  losses=losses, **kwargs)
+        elif pm.has_last_stage:
+            self.pp_schedule.step(target=cat["labels"], losses=losses, **kwargs)
+        else:
+            self.pp_schedule.step(**kwargs)
+        if not losses:
+            return torch.zeros((), dtype=torch.float64, device=self.device)
+        return sum(l.detach().double() for l in losses) / self.loss_scale
+
+    def _reduce_loss(self, loss_sum: torch.Tensor) -> float:
+        if self.world == 1:
+            return float(loss_sum)
+        # Tensor-parallel peers computed the same loss; other pipeline stages contribute zero.
+        dist.all_reduce(loss_sum)
+        return float(loss_sum) / self.dims.tp
+
+    def _update_loss_scale(self, finite: bool) -> None:
+        if self.cfg.precision != "fp16" or self.cfg.loss_scale is not None:
+            return
+        if not finite:
+            self.loss_scale = max(self.loss_scale / 2, 1.0)
+            self.good_steps_since_scale = 0
+        else:
+            self.good_steps_since_scale += 1
+            if self.good_steps_since_scale >= 1000:
+                self.loss_scale *= 2
+                self.good_steps_since_scale = 0
+
+    def _expert_load(self, counts: torch.Tensor | None) -> list[tuple[float, float]] | None:
+        """Max and min expert load relative to the mean, per MoE layer of the whole model."""
+        layers = self.model_config.moe_layers
+        if not layers:
+            return None
+        stats = torch.zeros(len(layers), 2, dtype=torch.float64, device=self.device)
+        if counts is not None:
+            local = sorted(self.pm.routers())
+            mean = counts.mean(dim=-1).clamp(min=1e-9)
+            for row, layer in enumerate(local):
+                i = layers.index(layer)
+                stats[i, 0] = counts[row].max() / mean[row]
+                stats[i, 1] = counts[row].min() / mean[row]
+        if self.dims.pp > 1:
+            dist.all_reduce(stats, group=self.meshes.group("pp"))
+        return [(round(a, 4), round(b, 4)) for a, b in stats.tolist()]
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> None:
+        cfg = self.cfg
+        tokens_per_iter = cfg.global_batch_size * cfg.seq_len
+        flops_per_token = self.model_config.flops_per_token(cfg.seq_len)
+        logger.info("training %s: %d iterations, GBS %d (MBS %d x DP %d x %d accumulation), seq %d, layout %s",
+                    "SFT" if cfg.sft else "pretraining", self.train_iters, cfg.global_batch_size,
+                    cfg.micro_batch_size, self.dims.dp, self.grad_accum, cfg.seq_len, self.dims.describe())
+        try:
+            while self.iteration < self.train_iters:
+                lr = self.schedule.lr_at(self.iteration)
+                set_lr(self.optimizer, lr)
+                micro = [self.train_loader.next_batch() for _ in range(self.grad_accum)]
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                result = self.train_step(micro)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                elapsed = time.perf_counter() - start
+                self.iteration += 1
+                self.consumed_samples += cfg.global_batch_size
+                tok_s_gpu = tokens_per_iter / elapsed / self.world
+                tflops = tok_s_gpu * flops_per_token / 1e12
+                record = {
+                    "split": "train", "iteration": self.iteration, "train_iters": self.train_iters,
+                    "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
+                    "loss_tokens": result.loss_tokens, "consumed_samples": self.consumed_samples,
+                    "consumed_tokens": self.consumed_samples * cfg.seq_len, "step_time_s": elapsed,
+                    "tokens_per_s_per_gpu": tok_s_gpu,
+                    "tflops_per_gpu": tflops if self.device.type == "cuda" else None,
+                    "mfu": tflops / PEAK_TFLOPS if self.device.type == "cuda" else None,
+                    "matmul_ceiling_fraction": tflops / MEASURED_MATMUL_TFLOPS if self.device.type == "cuda" else None,
+                    "memory_gib": _memory_gib(self.device), "skipped_steps": self.skipped_total,
+                    "loss_scale": self.loss_scale if cfg.precision == "fp16" else None,
+                    "expert_load_max_min": result.expert_load,
+                }
+                self.metrics.log(record, console=self.iteration % cfg.log_interval == 0)
+                if self.skipped_in_a_row >= cfg.max_skipped_steps:
+                    self.save()
+                    raise TrainingStopped(
+                        f"{self.skipped_in_a_row} steps in a row had a non-finite loss or gradient (iteration "
+                        f"{self.iteration}); stopped after saving a checkpoint. Lower the learning rate or check "
+                        "the data.")
+                if cfg.eval_interval and self.iteration % cfg.eval_interval == 0 and self.valid_loader is not None:
+                    self.evaluate()
+                if cfg.save_interval and self.iteration % cfg.save_interval == 0:
+                    self.save()
+            if not cfg.save_interval or self.iteration % cfg.save_interval:
+                self.save()
+        finally:
+            self.checkpoints.wait()
+            self.metrics.close()
+
+    def save(self) -> None:
+        meta = {"iteration": self.iteration, "consumed_samples": self.consumed_samples,
+                "consumed_tokens": self.consumed_samples * self.cfg.seq_len, "layout": self.dims.describe(),
+                "world_size": self.world, "train_config": self.cfg.to_dict()}
+        self.checkpoints.save(self.iteration, self._state(), meta)
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        for part in self.pm.parts:
+            part.eval()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        tokens = 0
+        self.valid_loader.load_state_dict({"consumed_samples": 0})
+        for _ in range(self.cfg.eval_iters):
+            micro = [self.valid_loader.next_batch() for _ in range(self.grad_accum)]
+            n = self._global_loss_tokens(micro)
+            tokens += n
+            if self.pp_schedule is None:
+                for batch in micro:
+                    inp = self._prepare(batch)
+                    labels = inp.pop("labels")
+                    loss_sum += cross_entropy_sum(self.pm.parts[0](inp.pop("tokens"), **inp), labels).double()
+            else:
+                loss_sum += self._pipeline_eval(micro)
+        for part in self.pm.parts:
+            part.train()
+        if self.world > 1:
+            dist.all_reduce(loss_sum)
+            loss_sum /= self.dims.tp
+        loss = float(loss_sum) / max(tokens, 1)
+        self.metrics.log({"split": "valid", "iteration": self.iteration, "loss": loss}, console=True)
+        return loss
+
+    def _pipeline_eval(self, micro_batches) -> torch.Tensor:
+        if not hasattr(self.pp_schedule, "eval"):
+            raise NotImplementedError("validation under pipeline parallelism needs torch.distributed.pipelining's "
+                                      "Schedule.eval (torch >= 2.12); set eval_interval: null")
+        prepared = [self._prepare(b) for b in micro_batches]
+        cat = {k: torch.cat([p[k] for p in prepared]) for k in prepared[0]}
+        kwargs = {k: cat[k] for k in ("document_ids", "position_ids") if k in cat}
+        losses: list[torch.Tensor] = []
+        saved = self._global_tokens, self.loss_scale
+        self._global_tokens, self.loss_scale = 1, 1.0
+        try:
+            if self.pm.has_first_stage:
+                self.pp_schedule.eval(cat["tokens"], target=cat["labels"] if self.pm.has_last_stage else None,
+                                      losses=losses, **kwargs)
+            elif self.pm.has_last_stage:
+                self.pp_schedule.eval(target=cat["labels"], losses=losses, **kwargs)
+            else:
+                self.pp_schedule.eval(**kwargs)
+        finally:
+            self._global_tokens, self.loss_scale = saved
+        return sum((l.double() for l in losses), torch.zeros((), dtype=torch.float64, device=self.device))
+
+
+def resolve_model_config(cfg: TrainConfig) -> ModelConfig:
+    """Architecture from the starting checkpoint, else from the ``model`` preset or directory."""
+    if cfg.init_from:
+        return ModelConfig.from_json(Path(cfg.init_from))
+    if Path(cfg.model).is_dir() or cfg.model.endswith(".json"):
+        return ModelConfig.from_json(Path(cfg.model))
+    return preset(cfg.model)
+
+
+def _tokenizer_source(cfg: TrainConfig) -> Path | None:
+    for candidate in (cfg.data.tokenizer, cfg.init_from):
+        if candidate and Path(candidate).is_dir():
+            return Path(candidate)
+    return None
+
+
+def _parallel_kwargs(cfg: TrainConfig) -> dict:
+    p = cfg.parallel
+    return {"tp": p.tp, "pp": p.pp, "cp": p.cp, "ep": p.ep, "etp": p.etp, "sp": p.sp, "pp0_layers": p.pp0_layers,
+            "vp_layers": p.vp_layers}
+
+
+def _check_precision(precision: str, device: torch.device) -> None:
+    if precision == "fp8":
+        if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+            raise ConfigError("precision fp8 needs an NVIDIA GPU with FP8 tensor cores (Hopper or newer); "
+                              "use bf16 here")
+    if precision in ("bf16", "fp16") and device.type == "cpu":
+        logger.warning("precision %s on the CPU is slow; fp32 is the usual choice there", precision)
+
+
+def _memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    except ImportError:
+        return float("nan")
