@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
 import sys
-from contextlib import contextmanager
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +79,7 @@ def run_sft(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, build) -> int:
+    from moonforge.data.pool import terminate_as_exit
     from moonforge.data.records import DataError
     from moonforge.tokenizer import TokenizerError
     from moonforge.utils import atomic_write_text
@@ -88,7 +87,7 @@ def _run(args: argparse.Namespace, build) -> int:
     # megatron-core announces its training features on import; they are noise for data commands.
     logging.getLogger("megatron.core").setLevel(logging.WARNING)
     try:
-        with _terminate_as_exit():
+        with terminate_as_exit():
             summary = build()
     except (DataError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -97,16 +96,3 @@ def _run(args: argparse.Namespace, build) -> int:
     if args.summary_json:
         atomic_write_text(args.summary_json, json.dumps(summary.as_dict(), indent=2, ensure_ascii=False) + "\n")
     return 0
-
-
-@contextmanager
-def _terminate_as_exit():
-    """SIGTERM unwinds like Ctrl-C, so temporary outputs are removed before the process ends."""
-    def handler(signum, frame):
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)

@@ -8,7 +8,10 @@ flat on inputs of any size. ``workers=0`` runs everything in this process (debug
 from __future__ import annotations
 
 import multiprocessing
+import signal
+import threading
 from collections import deque
+from contextlib import contextmanager
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from itertools import islice
@@ -27,6 +30,7 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, initiali
         if initializer is not None:
             initializer(*initargs)
         for item in items:
+            check_terminated()
             yield fn(item)
         return
     # fork shares the already imported modules; workers start in milliseconds instead of re-importing torch.
@@ -44,6 +48,32 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, initiali
                                    "--workers or smaller inputs") from None
             for item in islice(it, 1):
                 pending.append(executor.submit(fn, item))
+            check_terminated()
             yield result
     finally:
         executor.shutdown(wait=True, cancel_futures=True)
+
+
+_terminated = threading.Event()
+
+
+@contextmanager
+def terminate_as_exit():
+    """SIGTERM unwinds like Ctrl-C (``SystemExit(143)``), so temporary outputs are removed before the process
+    ends. A handler's exception can be swallowed when the signal lands in interpreter internals (an at-fork
+    hook, a finalizer), so the flag it sets is also checked between chunks."""
+    def handler(signum, frame):
+        _terminated.set()
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _terminated.clear()
+
+
+def check_terminated() -> None:
+    if _terminated.is_set():
+        raise SystemExit(128 + signal.SIGTERM)

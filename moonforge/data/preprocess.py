@@ -21,7 +21,8 @@ from tqdm import tqdm
 from moonforge.data.indexed import IndexedWriter, publish, token_dtype
 from moonforge.data.pool import ordered_map
 from moonforge.data.records import (DEFAULT_MAX_LINE_BYTES, BadRecord, DataError, Location, SkipReport,
-                                    bad_record_error, expand_inputs, iter_payloads, parse_payload, text_field)
+                                    bad_record_error, check_output_prefix, expand_inputs, iter_payloads,
+                                    parse_payload, text_field)
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +149,7 @@ def preprocess_pretrain(inputs: Sequence[str] | str, tokenizer_dir: str | Path, 
     from moonforge.tokenizer import load_tokenizer
 
     files = expand_inputs(inputs)
+    check_output_prefix(output_prefix)
     json_keys = tuple(json_keys)
     if not json_keys or len(set(json_keys)) != len(json_keys):
         raise DataError(f"--json-keys must name distinct keys, got {list(json_keys)}")

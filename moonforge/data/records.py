@@ -76,6 +76,13 @@ def expand_inputs(patterns: list[str] | str) -> list[Path]:
     return unique
 
 
+def check_output_prefix(prefix: str | Path) -> None:
+    """An output prefix names files (``DIR/name``), not a directory."""
+    if str(prefix).endswith(("/", os.sep)) or Path(prefix).is_dir():
+        raise DataError(f"{prefix}: --output-prefix is a directory; give a file prefix such as "
+                        f"{Path(prefix) / 'mmap_dataset'}")
+
+
 def iter_payloads(path: Path, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
                   ) -> Iterator[tuple[int, bytes | object, int]]:
     """Yield ``(line, payload, size)`` for each record of a file.

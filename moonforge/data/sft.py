@@ -34,7 +34,7 @@ from moonforge.data.indexed import IndexedWriter, check_prefix, open_indexed, pu
 from moonforge.data.pool import ordered_map
 from moonforge.data.preprocess import Chunk, iter_chunks
 from moonforge.data.records import (DEFAULT_MAX_LINE_BYTES, BadRecord, DataError, Location, SkipReport,
-                                    bad_record_error, expand_inputs, parse_payload)
+                                    bad_record_error, check_output_prefix, expand_inputs, parse_payload)
 from moonforge.model import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
@@ -171,6 +171,7 @@ def build_sft_idxmap(inputs: Sequence[str] | str, tokenizer_dir: str | Path, out
 
     check_options(seq_len, fmt, overlong)
     files = expand_inputs(inputs)
+    check_output_prefix(output_prefix)
     tokenizer = load_tokenizer(tokenizer_dir)
     if not tokenizer.chat_template:
         raise DataError(f"{tokenizer_dir}: the tokenizer has no chat_template (tokenizer_config.json); SFT samples "
