@@ -256,9 +256,12 @@ def split_range(n: int, split_spec: str, split: str) -> tuple[int, int]:
     if split not in names:
         raise DataError(f"unknown split {split!r}; choose one of {', '.join(names)}")
     try:
-        matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split_spec))
-    except (AssertionError, ValueError, ZeroDivisionError):
-        raise DataError(f"bad split spec {split_spec!r}; use three non-negative weights such as '99,1,0'") from None
+        weights = [float(w) for w in split_spec.replace("/", ",").split(",")]
+    except ValueError:
+        weights = []
+    if not 1 <= len(weights) <= 3 or min(weights) < 0 or sum(weights) <= 0:
+        raise DataError(f"bad split spec {split_spec!r}; use up to three non-negative weights such as '99,1,0'")
+    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split_spec))
     bounds = matrix[names.index(split)]
     if bounds is None:
         raise DataError(f"split {split!r} is empty under split spec {split_spec!r}")
