@@ -161,6 +161,27 @@ def test_param_groups_follow_the_recipe():
         muon_param_groups(model, lr=LR, weight_decay=WD, router_optimizer="sgd")
 
 
+class PrefixedParams(torch.nn.Module):
+    """Parameters of several model parts under wrapper prefixes, as a trainer may hand them over."""
+
+    def __init__(self, named):
+        super().__init__()
+        self.named = named
+
+    def named_parameters(self, prefix="", recurse=True, remove_duplicate=True):
+        yield from self.named
+
+
+def test_param_groups_work_from_names_alone():
+    model = build_model(preset("tiny"), seed=0)
+    wrapped = PrefixedParams([(n.replace("layers.1.", "layers.1._checkpoint_wrapped_module."), p)
+                              for n, p in model.named_parameters()])
+    direct = muon_param_groups(model, lr=LR, weight_decay=WD, router_optimizer="adamw")
+    by_name = muon_param_groups(wrapped, lr=LR, weight_decay=WD, router_optimizer="adamw")
+    assert [[id(p) for p in g["params"]] for g in direct] == [[id(p) for p in g["params"]] for g in by_name]
+    assert "model.layers.1._checkpoint_wrapped_module.mlp.gate.weight" in _names(by_name, False)
+
+
 def test_param_groups_with_biases_and_tied_embeddings():
     config = dataclasses.replace(preset("tiny"), attention_bias=True, tie_word_embeddings=True, q_lora_rank=16)
     model = build_model(config, seed=0)

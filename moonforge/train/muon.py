@@ -34,7 +34,6 @@ from torch.distributed.tensor.placement_types import Partial, _StridedShard
 from torch.optim.adam import adam as adam_update
 
 from moonforge.config import ConfigError
-from moonforge.model import RMSNorm, Router
 
 logger = logging.getLogger(__name__)
 
@@ -80,34 +79,30 @@ def newton_schulz(update: torch.Tensor, steps: int = 5, dtype: torch.dtype = tor
 def muon_param_groups(model: nn.Module, *, lr: float, weight_decay: float, norm_weight_decay: bool = True,
                       router_optimizer: str = "muon", adamw_betas: tuple[float, float] = (0.9, 0.95),
                       adamw_eps: float = 1e-8) -> list[dict]:
-    """Split ``model``'s trainable parameters into Muon and AdamW groups by what each parameter is.
+    """Split ``model``'s trainable parameters into Muon and AdamW groups by name.
 
     Muon: every weight matrix (attention, dense and shared MLPs, stacked routed experts) and, when
-    ``router_optimizer`` is "muon" (Moonlight's choice), the router weight. AdamW: embeddings, lm_head, the
-    router when "adamw", and the 1-D parameters (RMSNorm weights, biases), which get ``weight_decay`` only when
-    ``norm_weight_decay`` (the paper decays them and calls it crucial for stability). Each group carries
-    ``param_names`` (fully qualified) and ``use_muon``. Groups with no parameters are left out.
+    ``router_optimizer`` is "muon" (Moonlight's choice), the router weight ``mlp.gate.weight``. AdamW:
+    ``embed_tokens.weight``, ``lm_head.weight``, the router when "adamw", and the 1-D parameters (RMSNorm
+    weights, biases), which get ``weight_decay`` only when ``norm_weight_decay`` (the paper decays them and calls
+    it crucial for stability). Only ``model.named_parameters()`` is used, so any module that yields moonforge
+    names works (wrapper prefixes such as activation checkpointing's are fine). Each group carries
+    ``param_names`` and ``use_muon``; groups with no parameters are left out.
     """
     if router_optimizer not in ROUTER_OPTIMIZERS:
         raise ConfigError(f"optimizer: router_optimizer is {router_optimizer!r}; use one of {ROUTER_OPTIMIZERS}")
     if lr < 0 or weight_decay < 0:
         raise ConfigError(f"optimizer: lr ({lr}) and weight_decay ({weight_decay}) must be >= 0")
-    routers = {id(m.weight) for m in model.modules() if isinstance(m, Router)}
-    norms = {id(m.weight) for m in model.modules() if isinstance(m, RMSNorm)}
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    head = getattr(model, "lm_head", None)
-    if head is not None:
-        embeddings.add(id(head.weight))
     muon, decayed, one_dim = _NamedGroup(), _NamedGroup(), _NamedGroup()
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if id(p) in embeddings:
+        if _is_name(name, "embed_tokens.weight") or _is_name(name, "lm_head.weight"):
             decayed.add(name, p)
-        elif id(p) in routers:
-            (muon if router_optimizer == "muon" else decayed).add(name, p)
-        elif id(p) in norms or p.ndim < 2:
+        elif p.ndim < 2:
             one_dim.add(name, p)
+        elif _is_name(name, "mlp.gate.weight"):
+            (muon if router_optimizer == "muon" else decayed).add(name, p)
         else:
             muon.add(name, p)
     adamw = {"use_muon": False, "lr": lr, "betas": tuple(adamw_betas), "eps": adamw_eps}
@@ -122,6 +117,10 @@ def muon_param_groups(model: nn.Module, *, lr: float, weight_decay: float, norm_
                     "muon" if g["use_muon"] else "adamw", len(g["params"]),
                     sum(p.numel() for p in g["params"]) / 1e6, g["weight_decay"])
     return groups
+
+
+def _is_name(name: str, suffix: str) -> bool:
+    return name == suffix or name.endswith("." + suffix)
 
 
 class _NamedGroup:
@@ -332,26 +331,29 @@ class Muon(torch.optim.Optimizer):
 
     # --------------------------------------------------------------------------------------- AdamW
     def _adamw_step(self, group: dict) -> None:
-        params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+        """torch's AdamW update (decoupled decay, bias correction) on the local shards, fused on CUDA."""
+        by_device: dict[tuple, list] = {}
         for p in group["params"]:
             if p.grad is None:
                 continue
             g = p.grad
             if isinstance(g, DTensor) and g.placements != p.placements:
                 g = g.redistribute(p.device_mesh, p.placements)
+            p_local = _local(p)
+            fused = p_local.device.type == "cuda"
             state = self.state[p]
             if not state:
-                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["step"] = torch.tensor(0.0, dtype=torch.float32, device=p_local.device if fused else "cpu")
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            params.append(_local(p))
-            grads.append(_local(g))
-            exp_avgs.append(_local(state["exp_avg"]))
-            exp_avg_sqs.append(_local(state["exp_avg_sq"]))
-            steps.append(state["step"])
-        if not params:
-            return
+            elif fused and state["step"].device != p_local.device:  # e.g. state loaded from a CPU run
+                state["step"] = state["step"].to(p_local.device)
+            lists = by_device.setdefault((p_local.device, p_local.dtype, fused), ([], [], [], [], []))
+            for bucket, t in zip(lists, (p_local, _local(g), _local(state["exp_avg"]), _local(state["exp_avg_sq"]),
+                                         state["step"])):
+                bucket.append(t)
         beta1, beta2 = group["betas"]
-        adam_update(params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, beta1=beta1, beta2=beta2,
-                    lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
-                    decoupled_weight_decay=True)
+        for (_, _, fused), (params, grads, exp_avgs, exp_avg_sqs, steps) in by_device.items():
+            adam_update(params, grads, exp_avgs, exp_avg_sqs, [], steps, fused=fused or None, amsgrad=False,
+                        beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
+                        eps=group["eps"], maximize=False, decoupled_weight_decay=True)
