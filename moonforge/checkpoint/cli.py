@@ -27,15 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     h2n.add_argument("--out", required=True, help="checkpoint directory to create")
     h2n.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
                      help="weight dtype (default: as stored); the router bias is always fp32")
-    layout = h2n.add_argument_group(
-        "parallel layout", "the seed's layout arguments: checked against the model and recorded in meta.json; "
-        "the files do not depend on them (any layout loads any checkpoint)")
-    layout.add_argument("--tp", type=int, default=1, help="tensor parallel size")
-    layout.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
-    layout.add_argument("--etp", type=int, default=1, help="expert tensor parallel size")
-    layout.add_argument("--ep", type=int, default=1, help="expert parallel size")
-    layout.add_argument("--pp0-layers", type=int, default=None,
-                        help="layers of the first pipeline stage (the seed's MP_PP0_LAYERS; needs PP > 1)")
+    add_layout_arguments(h2n, "checked against the model and recorded in meta.json")
     h2n.add_argument("--force", action="store_true", help="replace --out if it exists")
     h2n.set_defaults(func=run_hf_to_native)
 
@@ -50,7 +42,26 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="take tokenizer files from this directory instead of the checkpoint's")
     n2h.add_argument("--no-verify", action="store_true", help="skip the CRC-32 check of the checkpoint files")
     n2h.add_argument("--force", action="store_true", help="replace --out if it exists")
+    add_layout_arguments(n2h, "checked against the model (the seed's converter takes them in both directions)")
     n2h.set_defaults(func=run_native_to_hf)
+
+
+def add_layout_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    group = parser.add_argument_group(
+        "parallel layout", f"the seed's layout arguments: {what}; the files do not depend on them (any layout "
+        "loads any checkpoint)")
+    group.add_argument("--tp", type=int, default=1, help="tensor parallel size")
+    group.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
+    group.add_argument("--etp", type=int, default=1, help="expert tensor parallel size")
+    group.add_argument("--ep", type=int, default=1, help="expert parallel size")
+    group.add_argument("--pp0-layers", type=int, default=None,
+                       help="layers of the first pipeline stage (the seed's MP_PP0_LAYERS; needs PP > 1)")
+
+
+def _layout(args: argparse.Namespace):
+    from moonforge.checkpoint.convert import Layout
+
+    return Layout(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp, pp0_layers=args.pp0_layers)
 
 
 def user_errors(func):
@@ -70,12 +81,11 @@ def user_errors(func):
 
 @user_errors
 def run_hf_to_native(args: argparse.Namespace) -> int:
-    from moonforge.checkpoint.convert import Layout, hf_to_native
+    from moonforge.checkpoint.convert import hf_to_native
     from moonforge.utils import parse_dtype
 
-    layout = Layout(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp, pp0_layers=args.pp0_layers)
     dtype = parse_dtype(args.dtype) if args.dtype else None
-    hf_to_native(Path(args.hf), Path(args.out), dtype=dtype, layout=layout, force=args.force)
+    hf_to_native(Path(args.hf), Path(args.out), dtype=dtype, layout=_layout(args), force=args.force)
     return 0
 
 
@@ -87,5 +97,5 @@ def run_native_to_hf(args: argparse.Namespace) -> int:
     dtype = parse_dtype(args.dtype) if args.dtype else None
     native_to_hf(Path(args.ckpt), Path(args.out), dtype=dtype, iteration=args.iteration,
                  max_shard_bytes=parse_size(args.max_shard_size), tokenizer_src=args.tokenizer, force=args.force,
-                 verify=not args.no_verify)
+                 verify=not args.no_verify, layout=_layout(args))
     return 0

@@ -113,8 +113,10 @@ def _prepare_output(out: Path, force: bool) -> Path:
 
 def _commit_output(tmp: Path, out: Path) -> None:
     fsync_dir(tmp)
-    if out.exists():
+    if out.is_dir():
         shutil.rmtree(out)
+    elif out.exists():
+        out.unlink()
     tmp.rename(out)
     fsync_dir(out.parent)
 
@@ -180,12 +182,14 @@ def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
 # ---------------------------------------------------------------------------------------------------- native -> HF
 def native_to_hf(ckpt_dir: str | Path, out: str | Path, *, dtype: torch.dtype | None = None,
                  iteration: int | None = None, max_shard_bytes: int = 5_000_000_000,
-                 tokenizer_src: str | Path | None = None, force: bool = False, verify: bool = True) -> dict:
+                 tokenizer_src: str | Path | None = None, force: bool = False, verify: bool = True,
+                 layout: Layout | None = None) -> dict:
     """Export a moonforge checkpoint as a Hugging Face directory in Moonlight's published layout.
 
     Per-expert tensors, ``e_score_correction_bias`` in fp32, everything else in ``dtype`` (default: as stored);
     safetensors shards of at most ``max_shard_bytes`` plus ``model.safetensors.index.json``; config.json; the
     tokenizer files, with a ``tokenizer.json`` generated from ``tiktoken.model`` so transformers loads it.
+    ``layout`` (the seed's arguments) is only checked against the model.
     """
     start = time.time()
     root, from_path = _split_path(ckpt_dir)
@@ -196,6 +200,8 @@ def native_to_hf(ckpt_dir: str | Path, out: str | Path, *, dtype: torch.dtype | 
     iter_dir = _resolve_iteration(root, iteration if iteration is not None else from_path)
     verify_iteration(iter_dir, checksum=verify, collective=False)
     config = ModelConfig.from_json(root / "config.json")
+    if layout is not None:
+        layout.validate(config)
     expected = expected_native_shapes(_meta_model(config))
     stored = tensor_entries(read_metadata(iter_dir))
     missing = sorted(n for n in expected if n not in stored)

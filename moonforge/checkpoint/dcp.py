@@ -5,6 +5,7 @@ torch writes with ``pickle``. Loading here never calls plain ``pickle.load``: ``
 unpickler that only builds DCP's metadata classes, torch dtypes and sizes, and non-tensor values go through
 ``torch.load(weights_only=True)``. ``DCPWriter`` writes the same format one tensor at a time, so a converter can
 stream a model through memory instead of holding it whole, and the result loads with ``dcp.load``.
+``HFStorageReader`` lets ``dcp.load`` read a Hugging Face directory directly, slice by slice.
 """
 
 from __future__ import annotations
@@ -16,12 +17,12 @@ import uuid
 import warnings
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint import CheckpointException, FileSystemReader, StorageReader
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import _StorageInfo
@@ -33,8 +34,10 @@ from torch.distributed.checkpoint.metadata import (
     TensorProperties,
     TensorStorageMetadata,
 )
+from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner
+from torch.futures import Future
 
-from moonforge.checkpoint.hf import CheckpointError
+from moonforge.checkpoint.hf import CheckpointError, HFCheckpoint
 from moonforge.utils import fsync_dir
 
 METADATA_FILE = ".metadata"
@@ -114,8 +117,9 @@ class SafeLoadPlanner(DefaultLoadPlanner):
         try:
             obj = torch.load(value, weights_only=True)
         except pickle.UnpicklingError as e:
+            detail = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), str(e))
             raise CheckpointError(f"checkpoint value {read_item.dest_index.fqn!r} holds an object that is not "
-                                  f"plain data (numbers, strings, lists, dicts, tensors): {e}") from None
+                                  f"plain data (numbers, strings, lists, dicts, tensors); refused: {detail}") from None
         if self.flatten_state_dict:
             set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
         else:
@@ -248,7 +252,14 @@ def load(request: dict, reader, planner, process_group=None, no_dist: bool | Non
     no_dist = not distributed() if no_dist is None else no_dist
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
-        dcp.load(request, storage_reader=reader, planner=planner, process_group=process_group, no_dist=no_dist)
+        try:
+            dcp.load(request, storage_reader=reader, planner=planner, process_group=process_group, no_dist=no_dist)
+        except CheckpointException as e:
+            # DCP wraps each rank's failure with its traceback text; surface our own clear message.
+            for exc, _ in e.failures.values():
+                if isinstance(exc, CheckpointError):
+                    raise CheckpointError(str(exc)) from None
+            raise
 
 
 def save(request: dict, writer, process_group=None) -> None:
@@ -256,3 +267,54 @@ def save(request: dict, writer, process_group=None) -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process")
         dcp.save(request, storage_writer=writer, process_group=process_group, no_dist=not distributed())
+
+
+# ---------------------------------------------------------------------------------------------------- HF as DCP storage
+class HFStorageReader(StorageReader):
+    """Present a Hugging Face directory to ``torch.distributed.checkpoint.load`` in moonforge's names.
+
+    Every native tensor is one chunk of its global shape; each read request is served with a sliced safetensors
+    read, so a rank holding a shard (FSDP, TP, EP DTensors of any layout) reads only its slice from disk.
+    """
+
+    def __init__(self, ckpt: HFCheckpoint, names: Iterable[str] | None = None):
+        super().__init__()
+        self.ckpt = ckpt
+        self.names = sorted(names) if names is not None else ckpt.native_names()
+
+    def reset(self, checkpoint_id=None) -> None:
+        pass
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        tensors = {}
+        for name in self.names:
+            size = torch.Size(self.ckpt.native_shape(name))
+            tensors[name] = TensorStorageMetadata(
+                properties=TensorProperties(dtype=self.ckpt.native_dtype(name)), size=size,
+                chunks=[ChunkStorageMetadata(offsets=torch.Size([0] * len(size)), sizes=size)])
+        return Metadata(state_dict_metadata=tensors, planner_data={n: (n,) for n in tensors},
+                        storage_meta=StorageMeta(checkpoint_id=str(self.ckpt.path)))
+
+    def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args, **kwargs) -> None:
+        pass
+
+    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
+        return plans
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        for item in plan.items:
+            index = tuple(slice(o, o + n) for o, n in zip(item.storage_offsets, item.lengths))
+            source = self.ckpt.read(item.storage_index.fqn, index)
+            target = planner.resolve_tensor(item).detach()
+            target.copy_(source)
+            planner.commit_tensor(item, target)
+        future: Future = Future()
+        future.set_result(None)
+        return future
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id) -> bool:
+        return False

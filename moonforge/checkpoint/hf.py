@@ -22,16 +22,6 @@ from typing import Iterable, Iterator
 
 import torch
 from safetensors import safe_open
-from torch.distributed.checkpoint import StorageReader
-from torch.distributed.checkpoint.metadata import (
-    ChunkStorageMetadata,
-    Metadata,
-    StorageMeta,
-    TensorProperties,
-    TensorStorageMetadata,
-)
-from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner
-from torch.futures import Future
 
 logger = logging.getLogger(__name__)
 
@@ -254,57 +244,6 @@ def expected_native_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]
 def iter_state(ckpt: HFCheckpoint, names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
     for name in names:
         yield name, ckpt.read(name)
-
-
-# ---------------------------------------------------------------------------------------------------- DCP bridge
-class HFStorageReader(StorageReader):
-    """Present a Hugging Face directory to ``torch.distributed.checkpoint.load`` in moonforge's names.
-
-    Every native tensor is one chunk of its global shape; each read request is served with a sliced safetensors
-    read, so a rank holding a shard (FSDP, TP, EP DTensors of any layout) reads only its slice from disk.
-    """
-
-    def __init__(self, ckpt: HFCheckpoint, names: Iterable[str] | None = None):
-        super().__init__()
-        self.ckpt = ckpt
-        self.names = sorted(names) if names is not None else ckpt.native_names()
-
-    def reset(self, checkpoint_id=None) -> None:
-        pass
-
-    def read_metadata(self, *args, **kwargs) -> Metadata:
-        tensors = {}
-        for name in self.names:
-            size = torch.Size(self.ckpt.native_shape(name))
-            tensors[name] = TensorStorageMetadata(
-                properties=TensorProperties(dtype=self.ckpt.native_dtype(name)), size=size,
-                chunks=[ChunkStorageMetadata(offsets=torch.Size([0] * len(size)), sizes=size)])
-        return Metadata(state_dict_metadata=tensors, planner_data={n: (n,) for n in tensors},
-                        storage_meta=StorageMeta(checkpoint_id=str(self.ckpt.path)))
-
-    def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args, **kwargs) -> None:
-        pass
-
-    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
-        return plan
-
-    def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
-        return plans
-
-    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
-        for item in plan.items:
-            index = tuple(slice(o, o + n) for o, n in zip(item.storage_offsets, item.lengths))
-            source = self.ckpt.read(item.storage_index.fqn, index)
-            target = planner.resolve_tensor(item).detach()
-            target.copy_(source)
-            planner.commit_tensor(item, target)
-        future: Future = Future()
-        future.set_result(None)
-        return future
-
-    @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id) -> bool:
-        return False
 
 
 # ---------------------------------------------------------------------------------------------------- writing

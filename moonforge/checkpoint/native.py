@@ -46,6 +46,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 from moonforge.checkpoint import dcp as dcp_files
 from moonforge.checkpoint.dcp import (
     METADATA_FILE,
+    HFStorageReader,
     SafeFileSystemReader,
     SafeLoadPlanner,
     check_file,
@@ -53,7 +54,7 @@ from moonforge.checkpoint.dcp import (
     file_record,
     read_metadata,
 )
-from moonforge.checkpoint.hf import CheckpointError, HFCheckpoint, HFStorageReader
+from moonforge.checkpoint.hf import CheckpointError, HFCheckpoint
 from moonforge.config import ModelConfig
 from moonforge.utils import atomic_write_bytes, atomic_write_text, fsync_dir
 
@@ -244,6 +245,9 @@ def _save_dict(state: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+_ABSENT = object()
+
+
 def _fill_from_checkpoint(key: str, template: dict, metadata: Metadata) -> None:
     """Add to a plain-dict entry every value the checkpoint stored under ``key`` that the template lacks."""
     holder = {key: template}
@@ -251,11 +255,8 @@ def _fill_from_checkpoint(key: str, template: dict, metadata: Metadata) -> None:
         path = (metadata.planner_data or {}).get(fqn)
         if not path or path[0] != key:
             continue
-        try:
-            get_element(holder, path)
+        if get_element(holder, path, _ABSENT) is not _ABSENT:
             continue
-        except (KeyError, IndexError, TypeError):
-            pass
         if isinstance(md, TensorStorageMetadata):
             set_element(holder, path, torch.empty(md.size, dtype=md.properties.dtype))
         else:
