@@ -115,3 +115,15 @@ def test_cli_writes_summary(tokenizer, tokenizer_dir, tmp_path):
     assert summary["documents"] == 5 and summary["skipped"]["total"] == 0
     assert summary["tokens"] == sum(len(tokenizer.encode(f"doc {i}")) + 1 for i in range(5))
     assert summary["documents_per_s"] > 0 and summary["mb_per_s"] > 0 and summary["tokens_per_s"] > 0
+
+
+def test_document_encoder_fast_path_gives_the_same_ids(tokenizer):
+    from moonforge.data.preprocess import document_encoder
+
+    parse, plain = document_encoder(tokenizer, True), document_encoder(tokenizer, False)
+    texts = ["plain text 中文", "ends with [EOS]", "<|im_end|><|im_user|>", "[not special] <| nor this",
+             "[PAD][UNK]", "x" * 30_000]
+    for text in texts:
+        assert parse(text) == tokenizer.encode(text, allowed_special="all")
+        assert plain(text) == tokenizer.encode(text, allowed_special=set())
+    assert parse("a[EOS]") != plain("a[EOS]")
