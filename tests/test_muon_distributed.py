@@ -109,7 +109,7 @@ def two_rank_worker(rank: int, world: int, out_dir: str) -> dict:
         "ETP": ((2,), ("etp",), [Shard(2)], [Shard(2)]),  # the intermediate dim split: gather over etp
     }
     return {"FSDP": fsdp_worker(rank, world, out_dir), "TP": tp_worker(rank, world, out_dir),
-            "experts": expert_worker(rank, world, out_dir, layouts)}
+            "experts": expert_worker(rank, world, out_dir, layouts), "uneven": uneven_worker(rank, world)}
 
 
 # ---------------------------------------------------------------------------------------------------- FSDP2
@@ -287,6 +287,52 @@ def test_expert_parallel_and_expert_tensor_parallel_match_one_process(two_ranks,
     for label in ("EP", "ETP"):
         for mode in DISTRIBUTED_MODES:
             assert_params_close(result[f"{label} {mode}"], reference[STEPS], what=f"{label} {mode}")
+
+
+# ---------------------------------------------------------------------------------------------------- uneven
+def uneven_tensors() -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """Odd-sized matrices (7 rows over 2 ranks), a stack of them, and gradients for each step."""
+    gen = torch.Generator().manual_seed(3)
+    shapes = {"a": (7, 5), "b": (7, 5), "stack": (3, 7, 5), "wide": (5, 9)}
+    params = {n: torch.randn(s, generator=gen) for n, s in shapes.items()}
+    grads = [{n: torch.randn(s, generator=gen) for n, s in shapes.items()} for _ in range(STEPS)]
+    return params, grads
+
+
+def uneven_worker(rank: int, world: int) -> dict:
+    """Uneven shards, a matrix dim of a stack split, and a Partial gradient (summed by the optimizer)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    placements = {"a": Shard(0), "b": Shard(0), "stack": Shard(1), "wide": Shard(1)}
+    start, grads = uneven_tensors()
+    result = {}
+    for mode in DISTRIBUTED_MODES:
+        params = {n: torch.nn.Parameter(distribute_tensor(t.clone(), mesh, [placements[n]])) for n, t in start.items()}
+        opt = make_optimizer([{"params": list(params.values()), "param_names": list(params), "use_muon": True}], mode)
+        for step_grads in grads:
+            for n, p in params.items():
+                if n == "wide":
+                    p.grad = DTensor.from_local(step_grads[n] / world, mesh, [Partial()])
+                else:
+                    p.grad = distribute_tensor(step_grads[n], mesh, [placements[n]])
+            opt.step()
+        result[mode] = {n: p.full_tensor() for n, p in params.items()}
+    return result
+
+
+def test_uneven_shards_and_partial_gradients(two_ranks):
+    start, grads = uneven_tensors()
+    params = {n: torch.nn.Parameter(t.clone()) for n, t in start.items()}
+    opt = make_optimizer([{"params": list(params.values()), "param_names": list(params), "use_muon": True}])
+    for step_grads in grads:
+        for n, p in params.items():
+            p.grad = step_grads[n]
+        opt.step()
+    expected = {n: p.detach() for n, p in params.items()}
+    for mode in DISTRIBUTED_MODES:
+        assert_params_close(two_ranks["uneven"][mode], expected, what=f"uneven {mode}")
 
 
 # ---------------------------------------------------------------------------------------------------- 2-D
