@@ -210,3 +210,14 @@ def test_packed_loss_equals_samples_one_by_one(tokenizer, tokenizer_dir, tmp_pat
     packed_mean, alone_mean = packed.item() / n_tokens, alone.item() / n_tokens
     assert abs(packed_mean - alone_mean) < 1e-6, (packed_mean, alone_mean)
     assert abs(leaky.item() / n_tokens - alone_mean) > 1e-3  # without document ids, samples would see each other
+
+
+def test_template_that_rewrites_earlier_text_is_refused(tokenizer_dir):
+    from moonforge.data.chat import TemplateError
+    from moonforge.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    tok.chat_template = ("{{ messages | length }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n"
+                         "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
+    with pytest.raises(TemplateError, match="not prefix-stable"):
+        encode_messages(tok, [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}])

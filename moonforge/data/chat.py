@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from moonforge.data.records import BadRecord, unicode_problem
+from moonforge.data.records import BadRecord, DataError, unicode_problem
 
 FORMATS = ("auto", "alpaca", "messages", "sharegpt")
 ROLES = ("system", "user", "assistant")
@@ -30,7 +30,7 @@ class Encoded(NamedTuple):
     target: np.ndarray  # bool [L]: True where the token is a loss target
 
 
-class TemplateError(ValueError):
+class TemplateError(DataError):
     """The chat template cannot be split into per-message pieces (not prefix-stable)."""
 
 
