@@ -201,6 +201,7 @@ def test_sft_bad_records(case, tokenizer_dir, tmp_path):
     assert len(IndexedDataset(str(out / "s_text_document"))) == 2
 
 
+@pytest.mark.slow  # a subprocess
 def test_interrupted_run_leaves_no_output(tokenizer_dir, tmp_path):
     """SIGTERM in the middle of a run: the temporary files are removed and nothing looks like a dataset."""
     src = tmp_path / "big.jsonl"

@@ -39,6 +39,7 @@ def seed_block(marker: str) -> str:
     raise AssertionError(f"no bash block with {marker} in {seed}")
 
 
+@pytest.mark.slow  # a subprocess
 def test_seed_pretraining_command(tokenizer, tokenizer_dir, tmp_path):
     """The seed's `bash run_make_pretraining_dataset_megatron.sh /mnt/.../SlimPajama.json DeepSeekV2Tokenizer text
     /mnt/moonlight-datasets/ /mnt/moonlight-ckpts/...` writes the prefix its training commands read."""
@@ -60,6 +61,7 @@ def test_seed_pretraining_command(tokenizer, tokenizer_dir, tmp_path):
         assert produced.read_bytes() == (tmp_path / f"ref_text_document{suffix}").read_bytes()
 
 
+@pytest.mark.slow  # a subprocess
 def test_sft_script_with_packing(tokenizer, tokenizer_dir, tmp_path):
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 

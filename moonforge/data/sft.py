@@ -43,6 +43,7 @@ SFT_FORMAT = "moonforge-sft"
 SFT_VERSION = 1
 OVERLONG = ("truncate", "drop")
 LOSS_MASK_SUFFIX = "_loss_mask"
+SFT_CHUNK_RECORDS = 64
 META_SUFFIX = ".sft.json"
 
 
@@ -195,8 +196,9 @@ def build_sft_idxmap(inputs: Sequence[str] | str, tokenizer_dir: str | Path, out
             summary.rows += 1
             row.clear()
 
-        results = ordered_map(_encode_chunk, iter_chunks(files, max_line_bytes), workers, _init_worker,
-                              (str(tokenizer_dir), fmt, seq_len, overlong))
+        # Conversations cost far more per byte than plain text: small chunks keep every worker busy.
+        chunks = iter_chunks(files, max_line_bytes, chunk_records=SFT_CHUNK_RECORDS)
+        results = ordered_map(_encode_chunk, chunks, workers, _init_worker, (str(tokenizer_dir), fmt, seq_len, overlong))
         total = sum(f.stat().st_size for f in files)
         with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="sft data", disable=not progress,
                   mininterval=1.0) as bar:
