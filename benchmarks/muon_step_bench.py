@@ -37,6 +37,7 @@ from moonforge.utils import atomic_write_text, setup_logging
 
 logger = logging.getLogger("muon_step_bench")
 LR, WD = 4.2e-4, 0.1  # Moonlight's peak learning rate and weight decay
+TARGET_PCT = 5.0  # what Muon may add to a training step
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -164,7 +165,10 @@ def main(argv=None) -> dict:
         "train_step_with_adamw_s": step,
         "muon_extra_s": t["muon"]["median_s"] - adamw,
         "muon_extra_pct_of_step": 100 * (t["muon"]["median_s"] - adamw) / step,
-        "target_pct": 5.0,
+        "target_pct": TARGET_PCT,
+        # Micro-batches per optimizer step at which Muon's extra time is TARGET_PCT of the step.
+        "micro_batches_for_target": max(0.0, (t["muon"]["median_s"] - adamw) * 100 / TARGET_PCT - adamw)
+        / t["fwd_bwd"]["median_s"],
     }
     if args.check_offload:
         result["offload_check"] = check_offload(model, grads, device)

@@ -275,54 +275,54 @@ class Muon(torch.optim.Optimizer):
 
     def _muon_step(self, group: dict, layout: _Layout, params: list[torch.Tensor]) -> None:
         mu, lr, wd = group["momentum"], group["lr"], group["weight_decay"]
-        grads = []
-        for p in params:
+        device = self._compute_device(layout)
+        # The Newton-Schulz input of every parameter of the bucket, written straight into one stack in ns_dtype.
+        stack = torch.empty((len(params), *_local(params[0]).shape), dtype=self.ns_dtype, device=device)
+        for row, p in zip(stack, params):
             g = p.grad
             if isinstance(g, DTensor) and g.placements != p.placements:
                 g = g.redistribute(p.device_mesh, p.placements)  # e.g. Partial gradients of a TP layer
-            grads.append(_local(g))
-        bufs = []
-        for p in params:
+            g = _local(g)
             state = self.state[p]
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            bufs.append(_local(state["momentum_buffer"]))
-        torch._foreach_mul_(bufs, mu)
-        torch._foreach_add_(bufs, grads)
-        updates = torch._foreach_add(grads, bufs, alpha=mu) if group["nesterov"] else bufs
-        ortho = self._orthogonalize(layout, updates, group["ns_steps"])
+            buf = _local(state["momentum_buffer"])
+            torch.add(g, buf, alpha=mu, out=buf)  # M = mu M + G
+            if not group["nesterov"]:
+                row.copy_(buf)
+            elif row.device == g.device:
+                torch.add(g, buf, alpha=mu, out=row)  # G + mu M, rounded once to ns_dtype
+            else:
+                row.copy_(torch.add(g, buf, alpha=mu))
+        ortho = self._orthogonalize(layout, stack, group["ns_steps"])
         locals_ = [_local(p) for p in params]
         if wd:
             torch._foreach_mul_(locals_, 1.0 - lr * wd)
         scale = lr * update_scale(layout.shape)
-        for p_local, o in zip(locals_, ortho):
+        for p_local, o in zip(locals_, ortho.unbind(0)):
             p_local.add_(o.to(p_local.device), alpha=-scale)
 
-    def _orthogonalize(self, layout: _Layout, updates: list[torch.Tensor], steps: int) -> list[torch.Tensor]:
-        """Newton-Schulz of a bucket of local update shards; returns each one's local shard of the result.
+    def _orthogonalize(self, layout: _Layout, stack: torch.Tensor, steps: int) -> torch.Tensor:
+        """Newton-Schulz of a bucket: ``stack`` holds the local shards of its k updates along dim 0; returns the
+        local shards of the results, stacked the same way.
 
         Communication for a bucket of k matrices of N elements cut over W ranks (one mesh dim), per rank:
         ``replicated`` all-gathers (W-1)/W k N elements and orthogonalises all k matrices; ``spread`` sends and
         receives about (W-1)/W^2 k N elements in each of its two all-to-alls, i.e. 2/W of the all-gather, and
         orthogonalises ceil(k/W) matrices. Both travel in ``ns_dtype``: bf16 halves the bytes of the fp32 state.
         """
-        device = self._compute_device(layout)
-        stack = torch.empty((len(updates), *updates[0].shape), dtype=self.ns_dtype, device=device)
-        for row, u in zip(stack, updates):
-            row.copy_(u)
-        cut = layout.matrix_mesh_dims
-        if not cut:
-            return list(newton_schulz(stack, steps, self.ns_dtype).unbind(0))
+        if not layout.matrix_mesh_dims:
+            return newton_schulz(stack, steps, self.ns_dtype)
         if any(isinstance(pl, Partial) for pl in layout.placements):
             raise RuntimeError("Muon: a parameter has a Partial placement; parameters must be sharded or replicated")
-        shape = (len(updates), *layout.shape)
+        shape = (stack.shape[0], *layout.shape)
         stride = _contiguous_stride(shape)
         stacked, compute = layout.stacked(), layout.compute_placements(self.distributed_mode)
         work = DTensor.from_local(stack, layout.mesh, stacked, shape=shape, stride=stride)
         work = work.redistribute(layout.mesh, compute).to_local()
         out = newton_schulz(work, steps, self.ns_dtype)
         out = DTensor.from_local(out, layout.mesh, compute, shape=shape, stride=stride)
-        return list(out.redistribute(layout.mesh, stacked).to_local().unbind(0))
+        return out.redistribute(layout.mesh, stacked).to_local()
 
     def _compute_device(self, layout: _Layout) -> torch.device:
         if layout.mesh is not None:  # collectives run on the mesh's device
