@@ -248,3 +248,49 @@ def test_prefix_hint_for_output_prefix(corpora, tokenizer):
     with pytest.raises(DataError, match="did you mean .*c4_demo_en_text_document"):
         build_dataset("pretrain", [str(corpora["dir"] / "c4_demo_en")], tokenizer=tokenizer, seq_len=SEQ,
                       split="train")
+
+
+def _rank_main(rank, world, init_file, prefix, tokenizer_dir, cache, out):
+    import torch.distributed as dist
+
+    from moonforge.data.loader import DataLoader, build_dataset
+    from moonforge.tokenizer import load_tokenizer
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        tokenizer = load_tokenizer(tokenizer_dir)
+        ds = build_dataset("pretrain", [prefix], tokenizer=tokenizer, seq_len=SEQ, split="train",
+                           split_spec="100,0,0", seed=3, num_samples=64, cache_dir=cache, document_mask=True)
+        loader = DataLoader(ds, micro_batch_size=2, dp_rank=rank, dp_size=world)
+        batches = [loader.next_batch().input_ids for _ in range(3)]
+        state = json.loads(json.dumps(loader.state_dict()))
+        resumed = DataLoader(ds, micro_batch_size=2, dp_rank=rank, dp_size=world)
+        resumed.load_state_dict(state)
+        batches += [resumed.next_batch().input_ids for _ in range(3)]
+        torch.save(torch.stack(batches), f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two processes over gloo
+def test_two_process_ranks_build_and_resume(corpora, tokenizer, tokenizer_dir, tmp_path):
+    """Under torch.distributed (megatron-core builds its indices on rank 0 first), two ranks with a save and
+    restore in the middle read exactly the global sample order of one process."""
+    import multiprocessing
+
+    from moonforge.data.loader import DataLoader, build_dataset
+
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_rank_main, args=(r, 2, tmp_path / "init", corpora["en"], str(tokenizer_dir),
+                                                  str(tmp_path / "cache"), tmp_path)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+        assert p.exitcode == 0
+    single = build_dataset("pretrain", [corpora["en"]], tokenizer=tokenizer, seq_len=SEQ, split="train",
+                           split_spec="100,0,0", seed=3, num_samples=64, cache_dir=str(tmp_path / "cache1"))
+    expected = DataLoader(single, micro_batch_size=4, dp_rank=0, dp_size=1)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for step in range(6):
+        assert torch.equal(torch.cat([ranks[0][step], ranks[1][step]]), expected.next_batch().input_ids)
