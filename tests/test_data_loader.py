@@ -294,3 +294,13 @@ def test_two_process_ranks_build_and_resume(corpora, tokenizer, tokenizer_dir, t
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for step in range(6):
         assert torch.equal(torch.cat([ranks[0][step], ranks[1][step]]), expected.next_batch().input_ids)
+
+
+def test_unwritable_cache_is_reported(corpora, tokenizer, tmp_path):
+    from moonforge.data.loader import build_dataset
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(DataError, match="cannot write the sample-index cache"):
+        build_dataset("pretrain", [corpora["en"]], tokenizer=tokenizer, seq_len=SEQ, split="train",
+                      cache_dir=str(blocker / "cache"))

@@ -102,8 +102,15 @@ class PretrainDataset:
         # Build only the requested split; the others get no indices (sizes must be non-None for weighted blends).
         config.split_matrix = [b if i == index else None for i, b in enumerate(config.split_matrix)]
         sizes = [num_samples if i == index else 0 for i in range(3)]
-        with _single_process_rank():
-            self.dataset = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()[index]
+        try:
+            with _single_process_rank():
+                self.dataset = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()[index]
+        except Exception as e:
+            if not isinstance(e, OSError) and not isinstance(e.__cause__, OSError):
+                raise
+            where = cache_dir or f"{prefixes[0]}/cache (Megatron's default)"
+            raise DataError(f"cannot write the sample-index cache in {where} ({e.__cause__ or e}); pass a writable "
+                            "cache_dir") from None
         if self.dataset is None or len(self.dataset) == 0:
             raise DataError(f"the {split} split of {prefixes} has no samples of {seq_len + 1} tokens; use more data, "
                             "a shorter seq_len or another split spec")
