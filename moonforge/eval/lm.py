@@ -11,8 +11,8 @@ directly, without an export to Hugging Face format:
 
 Under torchrun (WORLD_SIZE > 1) each rank holds a full copy and scores its share of the requests; lm-eval
 splits and gathers them. ``device_map="auto"`` instead spreads one copy layer by layer over all visible GPUs.
-From lm-eval's own command line: ``lm_eval --model moonforge --model_args pretrained=DIR``
-(after ``import moonforge.eval.lm``).
+From Python, importing this module registers the name for lm-eval:
+``lm_eval.simple_evaluate(model="moonforge", model_args="pretrained=DIR,batch_size=16", tasks=[...])``.
 """
 
 from __future__ import annotations
@@ -152,13 +152,29 @@ class MoonforgeLM(TemplateLM):
 
     # ------------------------------------------------------------------------------------------------ forward
     @torch.inference_mode()
-    def _logits(self, rows: list[list[int]]) -> torch.Tensor:
-        """Logits [B, S, V] of right-padded rows; padding sits after every real token, so causality hides it."""
-        width = max(len(r) for r in rows)
-        tokens = torch.full((len(rows), width), self.eot_token_id, dtype=torch.long)
+    def _logits(self, rows: list[list[int]], ends: list[int], width: int) -> torch.Tensor:
+        """Logits [B, width, V] at the last ``width`` positions before ``ends[i]`` of each right-padded row.
+
+        Padding sits after every real token, so causality hides it. Only the selected positions go through
+        ``lm_head``: with a 160k vocabulary the full [B, S, V] logits would dwarf the activations. Where a row
+        has fewer than ``width`` positions, the first entries repeat position 0 and are to be ignored.
+        """
+        length = max(len(r) for r in rows)
+        tokens = torch.full((len(rows), length), self.eot_token_id, dtype=torch.long)
         for i, r in enumerate(rows):
             tokens[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-        return self.model(tokens.to(self._device))
+        positions = (torch.tensor(ends)[:, None] - width + torch.arange(width)[None]).clamp(min=0)
+
+        def select_positions(module, args):
+            hidden = args[0]
+            index = positions.to(hidden.device)[..., None].expand(-1, -1, hidden.shape[-1])
+            return (hidden.gather(1, index),)
+
+        handle = self.model.lm_head.register_forward_pre_hook(select_positions)
+        try:
+            return self.model(tokens.to(self._device))
+        finally:
+            handle.remove()
 
     def _loglikelihood_tokens(self, requests: list[Request], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         """(sum of log p(continuation), whether greedy decoding yields it) per request.
@@ -186,9 +202,10 @@ class MoonforgeLM(TemplateLM):
                 row = (context + continuation)[-(self.max_length + 1):][:-1]
                 rows.append(row)
                 spans.append((len(row) - len(continuation), len(row)))
-            logits = self._logits(rows)
+            width = max(end - start for start, end in spans)
+            logits = self._logits(rows, [end for _, end in spans], width)
             for (strings, context, continuation), row_logits, (start, end) in zip(chunk, logits, spans):
-                logprobs = F.log_softmax(row_logits[start:end].float(), dim=-1)[None]  # [1, cont, V]
+                logprobs = F.log_softmax(row_logits[width - (end - start):].float(), dim=-1)[None]  # [1, cont, V]
                 greedy = logprobs.argmax(dim=-1)
                 # Requests sharing this forward pass: the same tokens up to their last continuation token.
                 for shared_strings, shared_cont, shared_logprobs in reorder.get_cache(
@@ -259,9 +276,8 @@ class MoonforgeLM(TemplateLM):
             if not active:
                 break
             rows = [prompts[i] + generated[i] for i in active]
-            logits = self._logits(rows)
-            last = torch.tensor([len(r) - 1 for r in rows], device=logits.device)
-            next_tokens = logits[torch.arange(len(rows), device=logits.device), last].argmax(dim=-1).tolist()
+            logits = self._logits(rows, [len(r) for r in rows], width=1)
+            next_tokens = logits[:, -1].argmax(dim=-1).tolist()
             still = []
             for i, token in zip(active, next_tokens):
                 if token in self._stop_ids:
