@@ -1,9 +1,9 @@
 """Optimizer-step time of Muon against AdamW on Moonlight-shaped parameters, on one device; writes JSON.
 
 The device holds what one rank of an expert-parallel run holds: every layer of the model, with 64 / EP routed
-experts per MoE layer (EP 8 by default, so 8 experts, 3.4B parameters in fp32). Gradients come from a real
-forward and backward pass at ``--seq`` tokens (bf16 autocast), which is also timed, so the JSON states what
-Muon adds to a whole training step. Timed, each over the same gradients:
+experts per MoE layer (EP 8 by default, so 8 experts, 3.4B parameters). Gradients come from a real forward
+and backward pass at ``--seq`` tokens in bf16 (fp32 on CPU), which is also timed, so the JSON states what Muon
+adds to a whole training step; the optimizers then step fp32 master parameters with fp32 gradients. Timed, each over the same gradients:
 
     adamw_fused / adamw_foreach   torch.optim.AdamW on every parameter (fused: CUDA only)
     muon                          moonforge's Muon (bf16 Newton-Schulz) with Moonlight's grouping
@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from moonforge.config import preset
-from moonforge.model import build_model, cross_entropy_sum
+from moonforge.model import build_model, cast_model, cross_entropy_sum
 from moonforge.train.muon import Muon, muon_param_groups
 from moonforge.utils import atomic_write_text, setup_logging
 
@@ -104,34 +104,42 @@ def main(argv=None) -> dict:
     setup_logging()
     device = torch.device(args.device)
     config = model_config(args)
-    model = build_model(config, device=device, dtype=torch.float32, seed=0)
-    params = [p for p in model.parameters()]
-    groups = muon_param_groups(model, lr=LR, weight_decay=WD)
-    result = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__,
-        "model": {"preset": args.preset, "layers": config.num_hidden_layers, "local_experts": config.n_routed_experts,
-                  "ep": args.ep, "param_dtype": "fp32"},
-        "params": {"total": sum(p.numel() for p in params),
-                   "muon": sum(p.numel() for g in groups if g["use_muon"] for p in g["params"]),
-                   "adamw": sum(p.numel() for g in groups if not g["use_muon"] for p in g["params"])},
-        "timings": {},
-    }
-    t = result["timings"]
-
+    # Forward and backward in bf16 as the trainer's mixed precision does; the optimizers then see fp32 master
+    # parameters and fp32 gradients, as after FSDP2's fp32 gradient reduction.
+    compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = build_model(config, device=device, dtype=compute_dtype, seed=0)
     tokens = torch.randint(0, config.vocab_size, (args.micro_batch, args.seq + 1), device=device,
                            generator=torch.Generator(device=device).manual_seed(0))
 
     def forward_backward():
         model.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(tokens[:, :-1])
+        logits = model(tokens[:, :-1])
         (cross_entropy_sum(logits, tokens[:, 1:]) / tokens[:, 1:].numel()).backward()
 
-    t["fwd_bwd"] = timed("fwd+bwd", forward_backward, device, args.warmup, args.iters)
-    flops = config.flops_per_token(args.seq) * args.micro_batch * args.seq
-    t["fwd_bwd"]["tflops"] = flops / t["fwd_bwd"]["median_s"] / 1e12
-    grads = {p: p.grad.clone() for p in params}
+    fwd_bwd = timed("fwd+bwd", forward_backward, device, args.warmup, args.iters)
+    fwd_bwd["tflops"] = config.flops_per_token(args.seq) * args.micro_batch * args.seq / fwd_bwd["median_s"] / 1e12
+    if device.type == "cuda":
+        fwd_bwd["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+        torch.cuda.reset_peak_memory_stats(device)
+    grad_of = {n: p.grad.float() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    cast_model(model, torch.float32)
+    grads = {p: grad_of[n] for n, p in model.named_parameters()}
+    del grad_of
+    params = list(model.parameters())
+    groups = muon_param_groups(model, lr=LR, weight_decay=WD)
+    result = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "model": {"preset": args.preset, "layers": config.num_hidden_layers, "local_experts": config.n_routed_experts,
+                  "ep": args.ep, "compute_dtype": str(compute_dtype), "master_dtype": "torch.float32",
+                  "seq": args.seq, "micro_batch": args.micro_batch},
+        "params": {"total": sum(p.numel() for p in params),
+                   "muon": sum(p.numel() for g in groups if g["use_muon"] for p in g["params"]),
+                   "adamw": sum(p.numel() for g in groups if not g["use_muon"] for p in g["params"])},
+        "timings": {"fwd_bwd": fwd_bwd},
+    }
+    t = result["timings"]
 
     def bench(label: str, make_optimizer) -> None:
         for p in params:
