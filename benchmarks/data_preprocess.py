@@ -78,7 +78,7 @@ def moonforge_run(input_path: str, tokenizer_dir: str, output_prefix: str, worke
     return summary.documents, summary.tokens
 
 
-def machine() -> dict:
+def machine(load_at_start: list[float]) -> dict:
     cpu = "unknown"
     if Path("/proc/cpuinfo").exists():
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -92,7 +92,7 @@ def machine() -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
             "python": platform.python_version(), "torch": torch.__version__,
             "megatron_core": getattr(megatron.core, "__version__", "unknown"), "tiktoken": tiktoken.__version__,
-            "load_average_at_start": list(os.getloadavg())}
+            "load_average_1_5_15min": {"start": load_at_start, "end": [round(x, 2) for x in os.getloadavg()]}}
 
 
 def commit() -> str:
@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     from moonforge.utils import atomic_write_text
 
     logging.basicConfig(level=logging.WARNING)
+    load_at_start = [round(x, 2) for x in os.getloadavg()]  # other work on the machine skews the timings
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         tokenizer_dir = args.tokenizer or str(train_moonlight_tokenizer(args.corpus, tmp / "tokenizer", 4096))
@@ -157,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = load_tokenizer(tokenizer_dir)
         record = {
             "benchmark": "pretraining preprocessing throughput (JSONL -> Megatron .bin/.idx)",
-            "commit": commit(), "machine": machine(),
+            "commit": commit(), "machine": machine(load_at_start),
             "config": {"corpus": [Path(p).name for p in args.corpus], "repeat_corpus": args.repeat_corpus,
                        "bytes": size, "tokenizer_vocab": tokenizer.n_vocab, "append_eod": True, "json_key": "text",
                        "runs": args.runs, "outputs_identical": True},
