@@ -3,7 +3,8 @@
 The device holds what one rank of an expert-parallel run holds: every layer of the model, with 64 / EP routed
 experts per MoE layer (EP 8 by default, so 8 experts, 3.4B parameters). Gradients come from a real forward
 and backward pass at ``--seq`` tokens in bf16 (fp32 on CPU), which is also timed, so the JSON states what Muon
-adds to a whole training step; the optimizers then step fp32 master parameters with fp32 gradients. Timed, each over the same gradients:
+adds to a whole training step; the optimizers then step fp32 master parameters with fp32 gradients. Timed,
+each over the same gradients:
 
     adamw_fused / adamw_foreach   torch.optim.AdamW on every parameter (fused: CUDA only)
     muon                          moonforge's Muon (bf16 Newton-Schulz) with Moonlight's grouping
