@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from moonforge.config import ModelConfig, yarn_mscale
 
@@ -114,31 +115,55 @@ class AttentionMask:
     key_index: torch.Tensor | None = None
     backend: str = "sdpa"
 
+    def __post_init__(self):
+        self._cache: dict = {}
+
     @property
     def is_plain_causal(self) -> bool:
         return self.document_ids is None and self.query_index is None
 
     def dense(self, q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
         """Boolean mask [B or 1, 1, q_len, k_len], True where attention is allowed."""
-        qi = self.query_index if self.query_index is not None else torch.arange(q_len, device=device)
-        ki = self.key_index if self.key_index is not None else torch.arange(k_len, device=device)
-        allowed = (ki[None, :] <= qi[:, None])[None]
-        if self.document_ids is not None:
-            kd = self.key_document_ids if self.key_document_ids is not None else self.document_ids
-            allowed = allowed & (self.document_ids[:, :, None] == kd[:, None, :])
-        return allowed[:, None]
+        if "dense" not in self._cache:
+            qi = self.query_index if self.query_index is not None else torch.arange(q_len, device=device)
+            ki = self.key_index if self.key_index is not None else torch.arange(k_len, device=device)
+            allowed = (ki[None, :] <= qi[:, None])[None]
+            if self.document_ids is not None:
+                kd = self.key_document_ids if self.key_document_ids is not None else self.document_ids
+                allowed = allowed & (self.document_ids[:, :, None] == kd[:, None, :])
+            self._cache["dense"] = allowed[:, None]
+        return self._cache["dense"]
+
+    def cu_seqlens(self) -> torch.Tensor:
+        if "cu" not in self._cache:
+            from moonforge.attention import cu_seqlens
+
+            self._cache["cu"] = cu_seqlens(self.document_ids)
+        return self._cache["cu"]
+
+    def block_mask(self, q_len: int, k_len: int, device: torch.device):
+        if "block" not in self._cache:
+            from moonforge.attention import build_block_mask
+
+            self._cache["block"] = build_block_mask(self, q_len, k_len, device)
+        return self._cache["block"]
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, scale: float) -> torch.Tensor:
     """Causal attention over [B, S, H, D] tensors; returns [B, S, H, Dv]."""
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    on_gpu = q.is_cuda
     if mask.is_plain_causal:
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    elif mask.backend == "varlen" and mask.query_index is None:
+        if on_gpu:
+            with sdpa_kernel(_GPU_SDPA_ORDER, set_priority=True):
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    elif on_gpu and mask.backend == "varlen" and mask.query_index is None:
         from moonforge.attention import varlen_causal
 
-        out = varlen_causal(q, k, v, mask.document_ids, scale)
-    elif mask.backend == "flex":
+        out = varlen_causal(q, k, v, mask, scale)
+    elif on_gpu and mask.backend == "flex":
         from moonforge.attention import flex_causal
 
         out = flex_causal(q, k, v, mask, scale)
@@ -146,6 +171,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Attention
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense(q.shape[2], k.shape[2], q.device),
                                              scale=scale)
     return out.transpose(1, 2)
+
+
+# cuDNN first: on Hopper it is the fastest SDPA kernel for MLA's qk 192 / v 128 (flash needs equal dims).
+_GPU_SDPA_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                   SDPBackend.MATH]
 
 
 class MLA(nn.Module):
@@ -454,7 +484,9 @@ class Transformer(nn.Module):
         self.context_parallel = None
 
     def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None,
-                document_ids: torch.Tensor | None = None) -> torch.Tensor:
+                document_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, S, V]; or, given ``labels``, the fp32 sum of token cross-entropies (the logits of the
+        163,840-entry vocabulary are then never held whole)."""
         m = self.model
         h = m.embed_tokens(tokens) if m.embed_tokens is not None else tokens
         if position_ids is None:
@@ -469,7 +501,14 @@ class Transformer(nn.Module):
             h = layer(h, rope, mask)
         if m.norm is not None:
             h = m.norm(h)
-        return self.lm_head(h) if self.lm_head is not None else h
+        if self.lm_head is None:
+            return h
+        if labels is None:
+            return self.lm_head(h)
+        weight = self.lm_head.weight
+        if type(h) is torch.Tensor and type(weight) in (nn.Parameter, torch.Tensor):  # not tensor-parallel
+            return linear_cross_entropy_sum(h, weight, labels)
+        return cross_entropy_sum(self.lm_head(h), labels)
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
@@ -520,6 +559,45 @@ def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, chunk_tokens: 
         total = total + F.cross_entropy(chunk, labels[start:start + chunk_tokens], ignore_index=IGNORE_INDEX,
                                         reduction="sum")
     return total
+
+
+def linear_cross_entropy_sum(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                             chunk_tokens: int = 4096) -> torch.Tensor:
+    """``cross_entropy_sum(h @ weight.T, labels)`` computed chunk by chunk, with the gradients of each chunk
+    formed right away, so neither the logits nor their fp32 softmax are ever stored for the whole batch."""
+    return _LinearCrossEntropy.apply(h.reshape(-1, h.shape[-1]), weight, labels.reshape(-1), chunk_tokens)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(h) if need_grad else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_grad else None
+        for start in range(0, h.shape[0], chunk):
+            h_c, y = h[start:start + chunk], labels[start:start + chunk]
+            logits = (h_c @ weight.t()).float()
+            valid = y != IGNORE_INDEX
+            target = y.clamp(min=0)
+            lse = torch.logsumexp(logits, dim=-1)
+            total += ((lse - logits.gather(1, target[:, None]).squeeze(1)) * valid).sum()
+            if need_grad:
+                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                probs[torch.arange(len(y), device=y.device), target] -= 1.0
+                probs.mul_(valid[:, None])
+                g = probs.to(h.dtype)
+                grad_h[start:start + chunk] = g @ weight
+                grad_w += (g.t() @ h_c).float()
+        if need_grad:
+            ctx.save_for_backward(grad_h, grad_w)
+            ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_out.to(grad_h.dtype), (grad_w * grad_out).to(ctx.weight_dtype), None, None
 
 
 def build_model(config: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,

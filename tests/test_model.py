@@ -100,3 +100,31 @@ def test_cross_entropy_ignores_masked_tokens():
     labels = torch.tensor([[1, IGNORE_INDEX, 3, IGNORE_INDEX]])
     want = torch.nn.functional.cross_entropy(logits[0, [0, 2]], labels[0, [0, 2]], reduction="sum")
     assert torch.allclose(cross_entropy_sum(logits, labels, chunk_tokens=3), want)
+
+
+def test_fused_linear_cross_entropy_matches_autograd():
+    from moonforge.model import linear_cross_entropy_sum
+
+    torch.manual_seed(0)
+    h = torch.randn(37, 16, requires_grad=True)
+    w = torch.randn(50, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (37,))
+    labels[::5] = IGNORE_INDEX
+    h2, w2 = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    fused = linear_cross_entropy_sum(h, w, labels, chunk_tokens=8)
+    want = cross_entropy_sum(h2 @ w2.t(), labels)
+    (fused * 3.0).backward()
+    (want * 3.0).backward()
+    assert torch.allclose(fused, want, rtol=1e-6)
+    assert torch.allclose(h.grad, h2.grad, atol=1e-6)
+    assert torch.allclose(w.grad, w2.grad, atol=1e-6)
+
+
+def test_model_loss_from_labels_equals_loss_of_logits():
+    config = preset("tiny")
+    model = build_model(config, seed=0)
+    ids = torch.randint(0, config.vocab_size, (2, 16))
+    labels = torch.roll(ids, -1, dims=1)
+    labels[:, -1] = IGNORE_INDEX
+    with torch.no_grad():
+        assert torch.allclose(model(ids, labels=labels), cross_entropy_sum(model(ids), labels), rtol=1e-6)

@@ -40,12 +40,25 @@ def split_stages(model: Transformer, meshes: Meshes) -> tuple[list[Transformer],
 def build_schedule(parts: list[nn.Module], stage_ids: list[int], meshes: Meshes, n_microbatches: int, loss_fn):
     num_stages = len(meshes.dims.stage_layers(parts[0].config.num_hidden_layers))
     group = meshes.group("pp")
-    stages = [_Stage(part, stage_index=s, num_stages=num_stages, device=meshes.device, group=group)
+    stages = [_Stage(_LossAsVector(part) if s == num_stages - 1 else part, stage_index=s, num_stages=num_stages,
+                     device=meshes.device, group=group)
               for part, s in zip(parts, stage_ids)]
     if len(stages) > 1:
         return ScheduleInterleaved1F1B(stages, n_microbatches=n_microbatches, loss_fn=loss_fn,
                                        scale_grads=False)
     return Schedule1F1B(stages[0], n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
+
+
+class _LossAsVector(nn.Module):
+    """The last stage returns the summed loss of its micro-batch; the schedule concatenates stage outputs,
+    which needs at least one dimension."""
+
+    def __init__(self, part: nn.Module):
+        super().__init__()
+        self.part = part
+
+    def forward(self, *args, **kwargs):
+        return self.part(*args, **kwargs).reshape(1)
 
 
 class _Stage(PipelineStage):

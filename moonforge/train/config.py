@@ -91,6 +91,7 @@ class TrainConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     save_interval: int | None = None
+    save_final: bool = True                # save when training ends (benchmarks turn it off)
     keep_last: int | None = 3
     async_save: bool = False
     eval_interval: int | None = None

@@ -65,6 +65,7 @@ class SyntheticDataset:
 
     def __init__(self, seq_len: int, seed: int, vocab_size: int = 4096):
         self.seq_len, self.seed, self.vocab_size = seq_len, seed, vocab_size
+        self.fingerprint = f"synthetic-{seq_len}-{seed}-{vocab_size}"
 
     def __len__(self) -> int:
         return 2**31

@@ -7,10 +7,8 @@ The loss is the sum of token cross-entropies over the whole global batch divided
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from moonforge.config import ConfigError, ModelConfig, preset
-from moonforge.model import MoE, Transformer, cross_entropy_sum, positions_from_documents
+from moonforge.model import Transformer, positions_from_documents
 from moonforge.parallel import ParallelDims, ParallelModel, build_meshes, clip_grad_norm, init_distributed, \
     materialize, parallelize
 from moonforge.parallel.context import shard_sequence
@@ -105,8 +103,8 @@ class Trainer:
     def _build_pp_schedule(self):
         from moonforge.parallel.pipeline import build_schedule
 
-        def loss_fn(logits, labels):
-            return cross_entropy_sum(logits, labels) * (self.loss_scale / self._global_tokens)
+        def loss_fn(loss_sum, labels):  # the last stage already returns the summed cross-entropy
+            return loss_sum * (self.loss_scale / self._global_tokens)
 
         return build_schedule(self.pm.parts, self.pm.stage_ids, self.meshes, self.grad_accum, loss_fn)
 
@@ -190,9 +188,7 @@ class Trainer:
             part = pm.parts[0]
             for batch in micro_batches:
                 inp = self._prepare(batch)
-                labels = inp.pop("labels")
-                logits = part(inp.pop("tokens"), **inp)
-                loss = cross_entropy_sum(logits, labels) / self._global_tokens
+                loss = part(inp.pop("tokens"), **inp) / self._global_tokens
                 (loss * self.loss_scale).backward()
                 loss_sum += loss.detach().double()
         else:
@@ -222,7 +218,7 @@ class Trainer:
     def _pipeline_forward_backward(self, micro_batches) -> torch.Tensor:
         prepared = [self._prepare(b) for b in micro_batches]
         cat = {k: torch.cat([p[k] for p in prepared]) for k in prepared[0]}
-        kwargs = {k: cat[k] for k in ("document_ids", "position_ids") if k in cat}
+        kwargs = {k: cat[k] for k in ("document_ids", "position_ids", "labels") if k in cat}
         losses: list[torch.Tensor] = []
         pm = self.pm
         if pm.has_first_stage:
@@ -234,7 +230,7 @@ class Trainer:
             self.pp_schedule.step(**kwargs)
         if not losses:
             return torch.zeros((), dtype=torch.float64, device=self.device)
-        return sum(l.detach().double() for l in losses) / self.loss_scale
+        return sum(l.detach().double().sum() for l in losses) / self.loss_scale
 
     def _reduce_loss(self, loss_sum: torch.Tensor) -> float:
         if self.world == 1:
@@ -320,7 +316,7 @@ class Trainer:
                     self.evaluate()
                 if cfg.save_interval and self.iteration % cfg.save_interval == 0:
                     self.save()
-            if not cfg.save_interval or self.iteration % cfg.save_interval:
+            if cfg.save_final and (not cfg.save_interval or self.iteration % cfg.save_interval):
                 self.save()
         finally:
             self.checkpoints.wait()
@@ -338,7 +334,7 @@ class Trainer:
             part.eval()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         tokens = 0
-        self.valid_loader.load_state_dict({"consumed_samples": 0})
+        self.valid_loader.consumed_samples = 0  # every evaluation sees the same validation batches
         for _ in range(self.cfg.eval_iters):
             micro = [self.valid_loader.next_batch() for _ in range(self.grad_accum)]
             n = self._global_loss_tokens(micro)
@@ -346,8 +342,7 @@ class Trainer:
             if self.pp_schedule is None:
                 for batch in micro:
                     inp = self._prepare(batch)
-                    labels = inp.pop("labels")
-                    loss_sum += cross_entropy_sum(self.pm.parts[0](inp.pop("tokens"), **inp), labels).double()
+                    loss_sum += self.pm.parts[0](inp.pop("tokens"), **inp).double()
             else:
                 loss_sum += self._pipeline_eval(micro)
         for part in self.pm.parts:
@@ -365,7 +360,7 @@ class Trainer:
                                       "Schedule.eval (torch >= 2.12); set eval_interval: null")
         prepared = [self._prepare(b) for b in micro_batches]
         cat = {k: torch.cat([p[k] for p in prepared]) for k in prepared[0]}
-        kwargs = {k: cat[k] for k in ("document_ids", "position_ids") if k in cat}
+        kwargs = {k: cat[k] for k in ("document_ids", "position_ids", "labels") if k in cat}
         losses: list[torch.Tensor] = []
         saved = self._global_tokens, self.loss_scale
         self._global_tokens, self.loss_scale = 1, 1.0
@@ -379,7 +374,7 @@ class Trainer:
                 self.pp_schedule.eval(**kwargs)
         finally:
             self._global_tokens, self.loss_scale = saved
-        return sum((l.double() for l in losses), torch.zeros((), dtype=torch.float64, device=self.device))
+        return sum((l.double().sum() for l in losses), torch.zeros((), dtype=torch.float64, device=self.device))
 
 
 def resolve_model_config(cfg: TrainConfig) -> ModelConfig:
