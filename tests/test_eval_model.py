@@ -25,7 +25,7 @@ from lm_eval.api.instance import Instance
 from moonforge.cli import main as moonforge_main
 from moonforge.config import preset
 from moonforge.eval.lm import MoonforgeLM
-from moonforge.eval.placement import place_layers, split_layers, to_device
+from moonforge.eval.placement import split_layers, to_device
 from moonforge.eval.run import evaluate, format_table
 from moonforge.model import AttentionMask, build_model
 from tests.conftest import shared_data
@@ -158,8 +158,8 @@ def test_rolling_loglikelihood_matches_hf_backend(exported):
 def test_greedy_generation_matches_hf_backend(ours, reference):
     stop = {"until": ["。", "\n\n"], "max_gen_toks": 12, "do_sample": False}
     free = {"until": [], "max_gen_toks": 7, "do_sample": False}
-    cases = [("以下是关于商业伦理的单项选择题", stop), ("世界市场最终完备是在", stop), ("The answer is", free),
-             ("答案：", free)]
+    cases = [("以下是关于商业伦理的单项选择题", stop), ("世界市场最终完备是在", stop),
+             ("The answer is", free), ("答案：", free)]
     got = ours.generate_until(_requests("generate_until", cases), True)
     want = reference.generate_until(_requests("generate_until", cases), True)
     assert got == want

@@ -2,8 +2,8 @@
 
 Embedding and the first layers go on the first device, the last layers with the final norm and ``lm_head`` on
 the last; the contiguous split minimises the largest share of parameter bytes. Forward pre-hooks move
-activations (and the rotary tables) to each module's device, so the model's own ``forward`` runs unchanged. Devices are handled generically, so the
-code path runs on ``["cpu", "cpu"]`` in tests.
+activations (and the rotary tables) to each module's device, so the model's own ``forward`` runs unchanged.
+Devices are handled generically, so the code path runs on ``["cpu", "cpu"]`` in tests.
 """
 
 from __future__ import annotations

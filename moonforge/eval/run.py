@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,8 +33,6 @@ def offline_mode() -> None:
     for name in OFFLINE_VARIABLES:
         os.environ.setdefault(name, "1")
     offline = os.environ["HF_HUB_OFFLINE"].upper() in ("1", "ON", "YES", "TRUE")
-    import sys
-
     if "huggingface_hub" in sys.modules:
         sys.modules["huggingface_hub"].constants.HF_HUB_OFFLINE = offline
     if "datasets" in sys.modules:
@@ -48,11 +47,14 @@ class _DropCustomDatasetNotice(logging.Filter):
         return "Custom kwargs can be passed" not in record.getMessage()
 
 
+_CUSTOM_DATASET_NOTICE = _DropCustomDatasetNotice()
+
+
 @contextmanager
 def prepared_tasks(tasks: list[str], data_dir: str | Path | None = None) -> Iterator[TaskPlan]:
     """Validate local task data and write lm-eval overrides for it, in a directory that lives for the block."""
     offline_mode()
-    logging.getLogger("lm_eval.api.task").addFilter(_DropCustomDatasetNotice())
+    logging.getLogger("lm_eval.api.task").addFilter(_CUSTOM_DATASET_NOTICE)  # added once
     with tempfile.TemporaryDirectory(prefix="moonforge-eval-tasks-") as work_dir:
         yield prepare_tasks(tasks, data_dir, work_dir)
 
