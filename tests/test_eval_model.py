@@ -237,6 +237,10 @@ def test_cli_reports_bad_data_before_loading(tmp_path, capsys):
                            "--data-dir", str(tmp_path / "data")])
     assert code == 2
     assert "cmmlu subject 'logical'" in capsys.readouterr().err
+    code = moonforge_main(["eval", "--model", str(tmp_path / "no-model"), "--tasks", "cmmlu_logical",
+                           "--data-dir", str(shared_data())])
+    assert code == 2
+    assert f"{tmp_path / 'no-model'}: neither a Hugging Face model directory" in capsys.readouterr().err
 
 
 @pytest.mark.slow

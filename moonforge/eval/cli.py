@@ -61,8 +61,11 @@ def run(args: argparse.Namespace) -> int:
     except ImportError:
         print("moonforge eval needs lm-evaluation-harness: pip install 'moonforge[eval]'", file=sys.stderr)
         return 2
+    from moonforge.checkpoint.hf import CheckpointError
+    from moonforge.config import ConfigError
     from moonforge.eval.run import format_table, prepared_tasks, run_tasks, write_results, write_samples
     from moonforge.eval.tasks import EvalDataError
+    from moonforge.tokenizer import TokenizerError
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
@@ -83,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
                              device=args.device, device_map=args.device_map)
             results = run_tasks(lm, plan, num_fewshot=args.num_fewshot, limit=args.limit,
                                 log_samples=args.log_samples, apply_chat_template=args.apply_chat_template)
-    except EvalDataError as e:
+    except (EvalDataError, CheckpointError, ConfigError, TokenizerError, FileNotFoundError) as e:
         print(f"moonforge eval: {e}", file=sys.stderr)
         return 2
     finally:
