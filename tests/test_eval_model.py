@@ -240,7 +240,7 @@ def test_cli_reports_bad_data_before_loading(tmp_path, capsys):
     code = moonforge_main(["eval", "--model", str(tmp_path / "no-model"), "--tasks", "cmmlu_logical",
                            "--data-dir", str(shared_data())])
     assert code == 2
-    assert f"{tmp_path / 'no-model'}: neither a Hugging Face model directory" in capsys.readouterr().err
+    assert f"moonforge eval: {tmp_path / 'no-model'}" in capsys.readouterr().err
 
 
 @pytest.mark.slow
