@@ -222,3 +222,14 @@ def test_interrupted_run_leaves_no_output(tokenizer_dir, tmp_path):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 128 + signal.SIGTERM, (tmp_path / "stderr.txt").read_text()[-2000:]
     assert list(out.iterdir()) == []
+
+
+def test_error_in_a_worker_run_stops_the_workers(tokenizer_dir, tmp_path):
+    import multiprocessing
+
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(GOOD * 5000 + b"{broken\n" + GOOD * 5000)
+    with pytest.raises(DataError, match=f"{src}:5001: .*malformed_json"):
+        _run(tokenizer_dir, src, tmp_path / "out", workers=2)
+    assert multiprocessing.active_children() == []
+    assert list((tmp_path / "out").iterdir()) == []

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, NamedTuple, Sequence
@@ -187,8 +188,8 @@ def preprocess_pretrain(inputs: Sequence[str] | str, tokenizer_dir: str | Path, 
         chunks = iter_chunks(files, max_line_bytes)
         results = ordered_map(_encode_chunk, chunks, workers, _init_worker,
                               (str(tokenizer_dir), json_keys, append_eod, parse_special_tokens, np.dtype(dtype).str))
-        with tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="pretrain data",
-                  disable=not progress, mininterval=1.0) as bar:
+        with closing(results), tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024,
+                                    desc="pretrain data", disable=not progress, mininterval=1.0) as bar:
             for chunk in results:
                 _write_chunk(chunk, writers, json_keys, summary, skip_bad_lines)
                 summary.bytes += chunk.n_bytes

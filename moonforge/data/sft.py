@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import time
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple, Sequence
@@ -200,8 +201,8 @@ def build_sft_idxmap(inputs: Sequence[str] | str, tokenizer_dir: str | Path, out
         chunks = iter_chunks(files, max_line_bytes, chunk_records=SFT_CHUNK_RECORDS)
         results = ordered_map(_encode_chunk, chunks, workers, _init_worker, (str(tokenizer_dir), fmt, seq_len, overlong))
         total = sum(f.stat().st_size for f in files)
-        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="sft data", disable=not progress,
-                  mininterval=1.0) as bar:
+        with closing(results), tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="sft data",
+                                    disable=not progress, mininterval=1.0) as bar:
             for chunk in results:
                 for line, sample, outcome in chunk.items:
                     summary.records += 1
