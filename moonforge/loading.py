@@ -38,7 +38,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype = torch.float32,
         if not is_native_checkpoint(path):
             raise FileNotFoundError(
                 f"{path}: neither a Hugging Face model directory (config.json + *.safetensors) nor a moonforge "
-                "checkpoint (model_config.json + DCP files)")
+                "checkpoint (moonforge.json + config.json + iter_* directories)")
         model = load_native_model(path, dtype=dtype, device=torch.device(device))
     model.eval()
     return model

@@ -9,6 +9,7 @@ stored stacked as ``experts.gate_up_proj`` [E, 2, I, H] and ``experts.down_proj`
 
 from __future__ import annotations
 
+import functools
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -290,10 +291,15 @@ class Router(nn.Module):
         if self.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         weights = weights * self.scaling
-        if _COUNT_ROUTING[0] and torch._C._current_graph_task_id() == -1:  # not a recomputation in backward
-            with torch.no_grad():
-                self.tokens_per_expert += torch.bincount(indices.flatten(), minlength=self.n_experts).float()
+        self._count(indices)
         return weights, indices, scores
+
+    @torch.compiler.disable
+    def _count(self, indices: torch.Tensor) -> None:
+        # Skipped when activation checkpointing recomputes this forward inside backward: the first pass counted.
+        if _COUNT_ROUTING[0] and torch._C._current_graph_task_id() == -1:
+            with torch.no_grad():
+                self.tokens_per_expert += expert_counts(indices, self.n_experts).float()
 
     def _limit_groups(self, scores: torch.Tensor, fill: float) -> torch.Tensor:
         """Keep the experts of the best ``topk_group`` groups: DeepSeek-V3 ranks groups by the sum of their
@@ -340,10 +346,15 @@ class GroupedExperts(nn.Module):
         nn.init.normal_(self.down_proj, std=std)
 
 
+def expert_counts(indices: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Routed slots per expert (int64, static shape, no host synchronisation)."""
+    flat = indices.flatten()
+    return torch.zeros(n_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
 def sort_by_expert(indices: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Stable order of the flattened (token, slot) pairs by expert id, and the count per expert."""
-    flat = indices.flatten()
-    return flat.argsort(stable=True), torch.bincount(flat, minlength=n_experts)
+    return indices.flatten().argsort(stable=True), expert_counts(indices, n_experts)
 
 
 def expert_ffn(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -575,18 +586,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         grad_h = torch.empty_like(h) if need_grad else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_grad else None
+        chunk_loss = _compiled_ce_chunk() if h.is_cuda else _ce_chunk
         for start in range(0, h.shape[0], chunk):
             h_c, y = h[start:start + chunk], labels[start:start + chunk]
-            logits = (h_c @ weight.t()).float()
-            valid = y != IGNORE_INDEX
-            target = y.clamp(min=0)
-            lse = torch.logsumexp(logits, dim=-1)
-            total += ((lse - logits.gather(1, target[:, None]).squeeze(1)) * valid).sum()
+            loss, g = chunk_loss(h_c @ weight.t(), y, need_grad)
+            total += loss
             if need_grad:
-                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-                probs[torch.arange(len(y), device=y.device), target] -= 1.0
-                probs.mul_(valid[:, None])
-                g = probs.to(h.dtype)
                 grad_h[start:start + chunk] = g @ weight
                 grad_w += (g.t() @ h_c).float()
         if need_grad:
@@ -598,6 +603,25 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         grad_h, grad_w = ctx.saved_tensors
         return grad_h * grad_out.to(grad_h.dtype), (grad_w * grad_out).to(ctx.weight_dtype), None, None
+
+
+def _ce_chunk(logits: torch.Tensor, y: torch.Tensor, need_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Summed cross-entropy of one chunk and d(loss)/d(logits) = softmax - onehot (zero on ignored tokens)."""
+    logits32 = logits.float()
+    valid = y != IGNORE_INDEX
+    target = y.clamp(min=0)
+    lse = torch.logsumexp(logits32, dim=-1)
+    loss = ((lse - logits32.gather(1, target[:, None]).squeeze(1)) * valid).sum()
+    if not need_grad:
+        return loss, None
+    onehot = torch.nn.functional.one_hot(target, logits.shape[-1]).to(logits32.dtype)
+    grad = (torch.exp(logits32 - lse[:, None]) - onehot) * valid[:, None]
+    return loss, grad.to(logits.dtype)
+
+
+@functools.cache
+def _compiled_ce_chunk():
+    return torch.compile(_ce_chunk, dynamic=False)
 
 
 def build_model(config: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,

@@ -90,7 +90,9 @@ class Trainer:
         use_fsdp = self.dims.stage_size > 1 or param_dtype != torch.float32
         pm = parallelize(model, self.meshes, param_dtype=param_dtype, reduce_dtype=torch.float32, use_fsdp=use_fsdp,
                          replicate=cfg.parallel.data_parallel == "replicate",
-                         reshard_after_forward=cfg.parallel.reshard_after_forward and self.dims.pp == 1,
+                         # One data-parallel rank, or pipeline micro-batches: re-gathering weights buys nothing.
+                         reshard_after_forward=(cfg.parallel.reshard_after_forward and self.dims.pp == 1
+                                                and self.dims.stage_size > 1),
                          activation_checkpointing=cfg.activation_checkpointing, ac_layers=cfg.ac_layers,
                          compile=cfg.compile, attention_backend=cfg.attention_backend,
                          offload_fraction=cfg.optimizer_offload)

@@ -1,0 +1,335 @@
+"""Training throughput on Moonlight-16B-A3B shapes (1 or more GPUs), next to transformers' DeepseekV3ForCausalLM.
+
+    torchrun --nproc_per_node 1 benchmarks/train_bench.py --layers 6 --mbs 2 --seq 4096 --hf-baseline --out r.json
+    torchrun --nproc_per_node 2 benchmarks/train_bench.py --layers 27 --mbs 1 --seq 4096 --ep 2 --out r.json
+
+Writes JSON: tokens/s per GPU, TFLOP/s per GPU (ARCHITECTURE.md's formula), MFU against 989 and against the
+measured 798 TFLOP/s matmul ceiling, peak memory, a time split from one profiled step (attention, experts,
+dispatch/combine, router, lm head + loss, optimizer, communication, other), commit, GPU count, torch version and
+the full config. With --hf-baseline, transformers' model runs the same shapes in the same process afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from moonforge.config import preset  # noqa: E402
+from moonforge.train.config import TrainConfig  # noqa: E402
+from moonforge.train.metrics import MEASURED_MATMUL_TFLOPS, PEAK_TFLOPS  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="moonlight-16b-a3b", help="architecture (tiny: a CPU smoke run)")
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--mbs", type=int, default=2)
+    p.add_argument("--gbs", type=int, default=None, help="global batch (default: mbs x data-parallel size)")
+    p.add_argument("--seq", type=int, default=4096)
+    p.add_argument("--steps", type=int, default=8, help="timed steps")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--ep", type=int, default=1)
+    p.add_argument("--etp", type=int, default=1)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--precision", default="bf16")
+    p.add_argument("--optimizer", default="adamw")
+    p.add_argument("--ac", default="none")
+    p.add_argument("--ac-layers", type=int, default=None)
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--attention", default="sdpa")
+    p.add_argument("--packed", type=int, default=0, help="pack this many documents per row (document masking)")
+    p.add_argument("--offload", type=float, default=0.0)
+    p.add_argument("--set", dest="overrides", action="append", default=[], help="extra TrainConfig key=value")
+    p.add_argument("--hf-baseline", action="store_true")
+    p.add_argument("--no-profile", action="store_true")
+    p.add_argument("--label", default="")
+    p.add_argument("--out", required=True)
+    return p.parse_args(argv)
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True).strip()
+    except Exception:
+        return os.environ.get("MOONFORGE_COMMIT", "unknown")
+
+
+def model_dir(name: str, layers: int, tmp: Path) -> Path:
+    config = preset(name).replace(num_hidden_layers=layers)
+    path = tmp / f"moonlight_{layers}l"
+    path.mkdir(parents=True, exist_ok=True)
+    config.save(path / "config.json")
+    return path
+
+
+def train_config(args, mdir: Path, out_dir: Path, world: int) -> TrainConfig:
+    dp = world // (args.tp * args.pp)
+    gbs = args.gbs or args.mbs * dp
+    data = {"train": ["synthetic"]}
+    cfg = {
+        "model": str(mdir), "precision": args.precision, "seq_len": args.seq, "micro_batch_size": args.mbs,
+        "global_batch_size": gbs, "train_iters": 10**6, "lr": 1e-5, "min_lr": 1e-6, "optimizer": args.optimizer,
+        "activation_checkpointing": args.ac, "ac_layers": args.ac_layers, "compile": args.compile,
+        "attention_backend": args.attention, "optimizer_offload": args.offload, "data": data,
+        "parallel": {"ep": args.ep, "etp": args.etp, "tp": args.tp, "pp": args.pp, "sp": args.tp > 1},
+        "output_dir": str(out_dir), "save_final": False, "tensorboard": False, "log_interval": 1,
+    }
+    from moonforge.train.config import _assign
+    import yaml
+
+    for item in args.overrides:
+        key, _, value = item.partition("=")
+        _assign(cfg, key, yaml.safe_load(value))
+    return TrainConfig.from_dict(cfg)
+
+
+class PackedBatches:
+    """Wrap a loader: split every row into ``n`` documents of random lengths (document masking)."""
+
+    def __init__(self, loader, n: int, seed: int = 0):
+        self.loader, self.n = loader, n
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def next_batch(self):
+        batch = self.loader.next_batch()
+        bsz, seq = batch.input_ids.shape
+        docs = torch.zeros(bsz, seq, dtype=torch.long)
+        for row in range(bsz):
+            cuts = torch.sort(torch.randperm(seq - 1, generator=self.gen)[: self.n - 1] + 1).values
+            for i, c in enumerate(cuts.tolist()):
+                docs[row, c:] = i + 1
+        batch.document_ids = docs
+        return batch
+
+
+def time_split(prof) -> dict:
+    """Device time (ms) per category, attributing each kernel to the op that launched it."""
+    categories = {k: 0.0 for k in ("attention", "experts", "dispatch_combine", "router", "lm_head_loss",
+                                   "optimizer", "communication", "dense_matmul", "other")}
+    for evt in prof.events():
+        t = getattr(evt, "self_device_time_total", 0.0) / 1000.0
+        if t <= 0:
+            continue
+        categories[_category(evt)] += t
+    return {k: round(v, 3) for k, v in categories.items()}
+
+
+def _category(evt) -> str:
+    name = evt.name.lower()
+    scopes = []
+    parent = evt
+    while parent is not None:
+        scopes.append(parent.name)
+        parent = parent.cpu_parent
+    scope = next((s for s in scopes if s.startswith("mf.")), "")
+    if "nccl" in name or "all_to_all" in name or "allgather" in name or "reduce_scatter" in name or \
+            "c10d" in name or "all_reduce" in name or "all_gather" in name:
+        return "communication"
+    if scope == "mf.optimizer" or "adam" in name or "muon" in name:
+        return "optimizer"
+    if "scaled_dot_product" in name or "attention" in name or "fmha" in name or "flex" in name or \
+            scope == "mf.attention":
+        return "attention"
+    if "grouped_mm" in name or "groupedmm" in name or scope == "mf.experts":
+        return "experts"
+    if scope == "mf.router" or "topk" in name:
+        return "router"
+    if scope in ("mf.dispatch", "mf.combine") or any(k in name for k in ("index_select", "indexselect", "index_copy",
+                                                                            "indexcopy", "argsort", "sort",
+                                                                            "bincount", "repeat_interleave")):
+        return "dispatch_combine"
+    if scope == "mf.loss" or "linearcrossentropy" in name:
+        return "lm_head_loss"
+    if name in ("aten::mm", "aten::addmm", "aten::matmul", "aten::linear", "aten::bmm") or "mmbackward" in name \
+            or "addmmbackward" in name:
+        return "dense_matmul"
+    return "other"
+
+
+def instrument():
+    """Name the forward regions so the profile can split time by category."""
+    import moonforge.model as m
+    from torch.profiler import record_function
+
+    def scoped(fn, label):
+        def wrapped(*a, **k):
+            with record_function(label):
+                return fn(*a, **k)
+        return wrapped
+
+    m.attention = scoped(m.attention, "mf.attention")
+    m.Router.forward = scoped(m.Router.forward, "mf.router")
+    m.expert_ffn = scoped(m.expert_ffn, "mf.experts")
+    m.sort_by_expert = scoped(m.sort_by_expert, "mf.dispatch")
+    m.combine = scoped(m.combine, "mf.combine")
+    m.linear_cross_entropy_sum = scoped(m.linear_cross_entropy_sum, "mf.loss")
+    try:
+        import moonforge.parallel.expert as e
+
+        e.expert_ffn = m.expert_ffn
+        e.sort_by_expert = m.sort_by_expert
+        e.combine = m.combine
+    except ImportError:
+        pass
+
+
+def run_moonforge(args, cfg: TrainConfig) -> dict:
+    from moonforge.train.trainer import Trainer
+
+    trainer = Trainer(cfg)
+    loader = trainer.train_loader if not args.packed else PackedBatches(trainer.train_loader, args.packed)
+    opt_step = trainer.optimizer.step
+
+    def timed_step(*a, **k):
+        with torch.profiler.record_function("mf.optimizer"):
+            return opt_step(*a, **k)
+
+    trainer.optimizer.step = timed_step
+    device = trainer.device
+    times, losses = [], []
+    for i in range(args.warmup + args.steps):
+        micro = [loader.next_batch() for _ in range(trainer.grad_accum)]
+        sync()
+        t0 = time.perf_counter()
+        result = trainer.train_step(micro)
+        sync()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+            losses.append(result.loss)
+    split, top_kernels = None, None
+    if not args.no_profile:
+        micro = [loader.next_batch() for _ in range(trainer.grad_accum)]
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            trainer.train_step(micro)
+            sync()
+        split = time_split(prof)
+        top_kernels = [(e.key, round(e.self_device_time_total / 1000, 3))
+                       for e in sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total)[:25]]
+    world = trainer.world
+    step = sorted(times)[len(times) // 2]
+    tokens = cfg.global_batch_size * cfg.seq_len
+    tok_s_gpu = tokens / step / world
+    flops = trainer.model_config.flops_per_token(cfg.seq_len)
+    tflops = tok_s_gpu * flops / 1e12
+    result = {
+        "step_time_s_median": step, "step_times_s": times, "tokens_per_s_per_gpu": tok_s_gpu,
+        "tflops_per_gpu": tflops, "mfu": tflops / PEAK_TFLOPS, "fraction_of_matmul_ceiling": tflops /
+        MEASURED_MATMUL_TFLOPS, "peak_memory_gib": peak_memory_gib(device),
+        "losses": losses, "flops_per_token": flops, "time_split_ms": split, "top_kernels_ms": top_kernels,
+        "layout": trainer.dims.describe(), "grad_accum": trainer.grad_accum,
+    }
+    del trainer, loader, opt_step, timed_step
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return result
+
+
+def run_hf_baseline(args, mdir: Path) -> dict:
+    """transformers' DeepseekV3ForCausalLM (grouped_mm experts, SDPA), bf16 parameters, fused AdamW."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(mdir)
+    config._attn_implementation = "sdpa"
+    device = torch.device("cuda", torch.cuda.current_device())
+    torch.cuda.reset_peak_memory_stats(device)
+    with torch.device(device):
+        model = transformers.DeepseekV3ForCausalLM(config).to(torch.bfloat16)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), fused=True)
+    gen = torch.Generator(device=device).manual_seed(0)
+    times = []
+    for i in range(args.warmup + args.steps):
+        ids = torch.randint(0, config.vocab_size, (args.mbs, args.seq + 1), device=device, generator=gen)
+        sync()
+        t0 = time.perf_counter()
+        out = model(input_ids=ids[:, :-1], labels=ids[:, :-1])
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    step = sorted(times)[len(times) // 2]
+    tok_s = args.mbs * args.seq / step
+    flops = preset(args.preset).replace(num_hidden_layers=args.layers).flops_per_token(args.seq)
+    result = {"step_time_s_median": step, "tokens_per_s": tok_s, "tflops": tok_s * flops / 1e12,
+              "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+              "experts_implementation": getattr(config, "experts_implementation", "default"),
+              "transformers_version": transformers.__version__}
+    del model, opt
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return result
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    instrument()
+    from moonforge.parallel.mesh import init_distributed
+
+    rank, world, device = init_distributed()
+    tmp = Path(tempfile.mkdtemp(prefix="moonforge_bench_"))
+    mdir = model_dir(args.preset, args.layers, tmp)
+    cfg = train_config(args, mdir, tmp / "run", world)
+    record = {
+        "benchmark": "train_bench", "label": args.label, "commit": commit(), "date": time.strftime("%Y-%m-%d"),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "gpu_count": world, "torch_version": torch.__version__,
+        "cuda_version": torch.version.cuda, "args": vars(args), "train_config": cfg.to_dict(),
+    }
+    try:
+        record["moonforge"] = run_moonforge(args, cfg)
+    except torch.OutOfMemoryError as e:
+        record["moonforge"] = {"error": f"out of memory: {str(e)[:300]}"}
+    if args.hf_baseline and world == 1:
+        try:
+            record["transformers"] = run_hf_baseline(args, mdir)
+            ours = record["moonforge"].get("tokens_per_s_per_gpu")
+            if ours:
+                record["speedup_vs_transformers"] = ours / record["transformers"]["tokens_per_s"]
+        except torch.OutOfMemoryError as e:
+            record["transformers"] = {"error": f"out of memory: {str(e)[:300]}"}
+    if rank == 0:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(record, indent=2))
+        summary = {k: record["moonforge"].get(k) for k in ("tokens_per_s_per_gpu", "tflops_per_gpu", "mfu",
+                                                           "peak_memory_gib", "time_split_ms", "error")}
+        print(json.dumps({"label": args.label, **summary, "hf": record.get("transformers"),
+                          "speedup": record.get("speedup_vs_transformers")}, indent=1))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
