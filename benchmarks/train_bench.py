@@ -132,7 +132,11 @@ def time_split(prof) -> dict:
     """Device time (ms) per category, attributing each kernel to the op that launched it."""
     categories = {k: 0.0 for k in ("attention", "experts", "dispatch_combine", "router", "lm_head_loss",
                                    "optimizer", "communication", "dense_matmul", "other")}
+    from torch.autograd import DeviceType
+
     for evt in prof.events():
+        if evt.device_type != DeviceType.CPU:  # kernels are counted through the op that launched them
+            continue
         t = getattr(evt, "self_device_time_total", 0.0) / 1000.0
         if t <= 0:
             continue
@@ -281,12 +285,13 @@ def run_hf_baseline(args, mdir: Path) -> dict:
         sync()
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
+    experts_impl = model.config._experts_implementation
     step = sorted(times)[len(times) // 2]
     tok_s = args.mbs * args.seq / step
     flops = preset(args.preset).replace(num_hidden_layers=args.layers).flops_per_token(args.seq)
     result = {"step_time_s_median": step, "tokens_per_s": tok_s, "tflops": tok_s * flops / 1e12,
               "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30,
-              "experts_implementation": getattr(config, "experts_implementation", "default"),
+              "experts_implementation": experts_impl,
               "transformers_version": transformers.__version__}
     del model, opt
     if torch.cuda.is_available():

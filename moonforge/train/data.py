@@ -49,14 +49,17 @@ def _real_datasets(cfg: TrainConfig, num_samples: int):
         return train, valid
     kind = "sft" if cfg.sft else "pretrain"
     paths = [tuple(p) if isinstance(p, (list, tuple)) else p for p in cfg.data.train]
-    extra = {"split_spec": cfg.data.split, "document_mask": cfg.data.document_mask} if kind == "pretrain" else {}
+    extra = {"split_spec": cfg.data.split}
+    if kind == "pretrain":
+        extra["document_mask"] = cfg.data.document_mask
     train = build_dataset(kind, paths, split="train", num_samples=num_samples, **extra, **common)
     valid = None
     if kind == "pretrain" and cfg.eval_interval:
         valid = build_dataset(kind, paths, split="valid", num_samples=eval_samples, **extra, **common)
     elif cfg.data.valid and cfg.eval_interval:
         valid_paths = [tuple(p) if isinstance(p, (list, tuple)) else p for p in cfg.data.valid]
-        valid = build_dataset(kind, valid_paths, split="train", num_samples=eval_samples, **common)
+        valid = build_dataset(kind, valid_paths, split="train", split_spec="100,0,0", num_samples=eval_samples,
+                              **common)
     return train, valid
 
 
