@@ -63,8 +63,13 @@ class Trainer:
         seed_everything(cfg.seed)
         self.meshes = build_meshes(self.dims, self.device, replicate=cfg.parallel.data_parallel == "replicate")
         self.output_dir = Path(cfg.output_dir)
+        # One GPU and mixed precision: flat buffers and a fused optimizer instead of single-rank FSDP.
+        self.flat = (self.world == 1 and self.device.type == "cuda" and cfg.precision in ("bf16", "fp16")
+                     and cfg.optimizer == "adamw")
         self.pm = self._build_model()
-        self.optimizer = build_optimizer(cfg, list(self.pm.named_parameters()), self.device)
+        if cfg.init_from and not self._resumable():
+            self._load_init_weights()
+        self.optimizer = self._build_optimizer()
         self.train_iters, self.warmup_iters, decay_iters = cfg.iterations()
         self.schedule = LRSchedule(cfg.lr, cfg.min_lr, self.warmup_iters, decay_iters, cfg.lr_decay_style)
         self.loss_scale = (cfg.loss_scale or 2.0 ** 16) if cfg.precision == "fp16" else 1.0
@@ -87,7 +92,7 @@ class Trainer:
             model = Transformer(self.model_config)
         param_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
                        "fp8": torch.bfloat16}[cfg.precision]
-        use_fsdp = self.dims.stage_size > 1 or param_dtype != torch.float32
+        use_fsdp = not self.flat and (self.dims.stage_size > 1 or param_dtype != torch.float32)
         pm = parallelize(model, self.meshes, param_dtype=param_dtype, reduce_dtype=torch.float32, use_fsdp=use_fsdp,
                          replicate=cfg.parallel.data_parallel == "replicate",
                          # One data-parallel rank, or pipeline micro-batches: re-gathering weights buys nothing.
@@ -101,6 +106,33 @@ class Trainer:
             moe.aux_loss_coeff = cfg.aux_loss_coeff
             moe.aux_loss_scale = 1.0 / cfg.global_batch_size
         return pm
+
+    def _build_optimizer(self):
+        cfg = self.cfg
+        if not self.flat:
+            return build_optimizer(cfg, list(self.pm.named_parameters()), self.device)
+        from moonforge.train.flat_adamw import FlatAdamW
+        from moonforge.train.optim import is_no_decay
+
+        norm_decay = bool(cfg.norm_weight_decay)
+        return FlatAdamW(list(self.pm.named_parameters()), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                         eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
+                         no_decay=lambda n, p: not norm_decay and is_no_decay(n, p),
+                         compute_dtype=torch.bfloat16 if cfg.precision == "bf16" else torch.float16,
+                         keep_fp32=lambda n: cfg.router_fp32 and n.endswith("mlp.gate.weight"),
+                         accumulate_fp32=self.grad_accum > 1)
+
+    def _resumable(self) -> bool:
+        from moonforge.checkpoint.native import CheckpointManager
+
+        return self.cfg.resume and CheckpointManager(self.output_dir / "checkpoint").latest_iteration() is not None
+
+    def _load_init_weights(self) -> None:
+        from moonforge.checkpoint.native import load_model_weights
+
+        for part in self.pm.parts:
+            load_model_weights(part, self.cfg.init_from)
+        logger.info("initialised weights from %s", self.cfg.init_from)
 
     def _build_pp_schedule(self):
         from moonforge.parallel.pipeline import build_schedule
@@ -150,12 +182,6 @@ class Trainer:
             self.train_loader.load_state_dict(state["dataloader"])
             logger.info("resumed from %s at iteration %d (%s)", self.checkpoints.root, self.iteration,
                         meta.get("layout", "layout not recorded"))
-        elif self.cfg.init_from:
-            from moonforge.checkpoint.native import load_model_weights
-
-            for part in self.pm.parts:
-                load_model_weights(part, self.cfg.init_from)
-            logger.info("initialised weights from %s", self.cfg.init_from)
 
     # ------------------------------------------------------------------ one step
     def _prepare(self, batch) -> dict:
@@ -196,12 +222,8 @@ class Trainer:
         else:
             loss_sum += self._pipeline_forward_backward(micro_batches)
         pm.reduce_gradients()
-        params = [p for p in pm.parameters() if p.grad is not None]
-        if self.loss_scale != 1.0:
-            for p in params:
-                p.grad.div_(self.loss_scale)
         loss = self._reduce_loss(loss_sum)
-        grad_norm = clip_grad_norm(params, self.cfg.clip_grad, self.meshes if self.world > 1 else None)
+        grad_norm = self._clip_gradients()
         finite = bool(torch.isfinite(grad_norm)) and math.isfinite(loss)
         if finite:
             self.optimizer.step()
@@ -216,6 +238,23 @@ class Trainer:
         tokens = torch.tensor(self._global_tokens)
         return StepResult(loss=loss, grad_norm=float(grad_norm), skipped=not finite, loss_tokens=int(tokens),
                           expert_load=self._expert_load(counts))
+
+    def _clip_gradients(self) -> torch.Tensor:
+        """Unscale (fp16), take the global gradient norm and clip to ``clip_grad``; returns the norm."""
+        if self.flat:
+            opt = self.optimizer
+            if self.loss_scale != 1.0:
+                for g in opt.groups_flat:
+                    g.grad.div_(self.loss_scale)
+            norm = opt.grad_norm_squared().sqrt()
+            if self.cfg.clip_grad > 0:
+                opt.clip_coef.copy_((self.cfg.clip_grad / (norm + 1e-6)).clamp(max=1.0))
+            return norm
+        params = [p for p in self.pm.parameters() if p.grad is not None]
+        if self.loss_scale != 1.0:
+            for p in params:
+                p.grad.div_(self.loss_scale)
+        return clip_grad_norm(params, self.cfg.clip_grad, self.meshes if self.world > 1 else None)
 
     def _pipeline_forward_backward(self, micro_batches) -> torch.Tensor:
         prepared = [self._prepare(b) for b in micro_batches]

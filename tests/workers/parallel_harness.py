@@ -95,6 +95,8 @@ class HarnessTrainer(Trainer):
         for part in self.pm.parts:
             mine = {k: v for k, v in full.items() if k in part.state_dict()}
             set_model_state_dict(part, mine, options=StateDictOptions(full_state_dict=True, strict=False))
+        if hasattr(self.optimizer, "sync_from_params"):
+            self.optimizer.sync_from_params()
 
 
 def main():
