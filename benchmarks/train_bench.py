@@ -48,7 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--optimizer", default="adamw")
     p.add_argument("--ac", default="none")
     p.add_argument("--ac-layers", type=int, default=None)
-    p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile", action="store_true", help="fuse element-wise kernels with torch.compile")
+    p.add_argument("--state-dtype", default="fp32", help="Adam moment dtype (single GPU): fp32 | bf16")
     p.add_argument("--attention", default="sdpa")
     p.add_argument("--packed", type=int, default=0, help="pack this many documents per row (document masking)")
     p.add_argument("--offload", type=float, default=0.0)
@@ -96,7 +97,7 @@ def train_config(args, mdir: Path, out_dir: Path, world: int) -> TrainConfig:
         "model": str(mdir), "precision": args.precision, "seq_len": args.seq, "micro_batch_size": args.mbs,
         "global_batch_size": gbs, "train_iters": 10**6, "lr": 1e-5, "min_lr": 1e-6, "optimizer": args.optimizer,
         "activation_checkpointing": args.ac, "ac_layers": args.ac_layers, "compile": args.compile,
-        "attention_backend": args.attention, "optimizer_offload": args.offload, "data": data,
+        "attention_backend": args.attention, "optimizer_state_dtype": args.state_dtype, "optimizer_offload": args.offload, "data": data,
         "parallel": {"ep": args.ep, "etp": args.etp, "tp": args.tp, "pp": args.pp, "sp": args.tp > 1},
         "output_dir": str(out_dir), "save_final": False, "tensorboard": False, "log_interval": 1,
     }
@@ -188,17 +189,16 @@ def instrument():
         return wrapped
 
     m.attention = scoped(m.attention, "mf.attention")
+    m.KERNELS.combine = scoped(m.KERNELS.combine, "mf.combine")
     m.Router.forward = scoped(m.Router.forward, "mf.router")
     m.expert_ffn = scoped(m.expert_ffn, "mf.experts")
     m.sort_by_expert = scoped(m.sort_by_expert, "mf.dispatch")
-    m.combine = scoped(m.combine, "mf.combine")
     m.linear_cross_entropy_sum = scoped(m.linear_cross_entropy_sum, "mf.loss")
     try:
         import moonforge.parallel.expert as e
 
         e.expert_ffn = m.expert_ffn
         e.sort_by_expert = m.sort_by_expert
-        e.combine = m.combine
     except ImportError:
         pass
 

@@ -31,13 +31,21 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return KERNELS.rms_norm(x, self.weight, self.eps)
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(dtype)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
 
 
 # ---------------------------------------------------------------------------------------------------- rotary
@@ -211,11 +219,11 @@ class MLA(nn.Module):
         q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.view(bsz, seq, -1, self.qk_dim)  # -1: the heads held here (all, or a tensor-parallel share)
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        q = torch.cat([q_nope, apply_rope(q_pe, cos[:, :, None], sin[:, :, None])], dim=-1)
+        q = torch.cat([q_nope, KERNELS.apply_rope(q_pe, cos[:, :, None], sin[:, :, None])], dim=-1)
 
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)
-        k_pe = apply_rope(k_pe, cos, sin)
+        k_pe = KERNELS.apply_rope(k_pe, cos, sin)
         for hook in self.latent_hooks:
             c_kv, k_pe = hook(c_kv, k_pe)
         kv = self.kv_b_proj(c_kv).view(bsz, c_kv.shape[1], -1, self.nope_dim + self.v_dim)
@@ -236,7 +244,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(inter, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(KERNELS.swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 _COUNT_ROUTING = [True]
@@ -339,7 +347,7 @@ class GroupedExperts(nn.Module):
         n_tokens, top_k = indices.shape
         order, counts = sort_by_expert(indices, self.gate_up_proj.shape[0])
         h = expert_ffn(x[order // top_k], self.gate_up_proj, self.down_proj, counts)
-        return combine(h, order, weights)
+        return KERNELS.combine(h, order, weights)
 
     def reset_parameters(self, std: float) -> None:
         nn.init.normal_(self.gate_up_proj, std=std)
@@ -365,7 +373,7 @@ def expert_ffn(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, count
     w13 = gate_up.to(dtype).reshape(n_experts, 2 * inter, hidden).transpose(1, 2)
     h = torch._grouped_mm(x, w13, offs=offs)
     gate, up = h.split(inter, dim=-1)
-    h = F.silu(gate) * up
+    h = KERNELS.swiglu(gate, up)
     return torch._grouped_mm(h, down.to(dtype).transpose(1, 2), offs=offs)
 
 
@@ -622,6 +630,26 @@ def _ce_chunk(logits: torch.Tensor, y: torch.Tensor, need_grad: bool) -> tuple[t
 @functools.cache
 def _compiled_ce_chunk():
     return torch.compile(_ce_chunk, dynamic=False)
+
+
+class _Kernels:
+    """The element-wise pieces of the model, in one place so that ``compile_kernels`` can swap in compiled
+    (fused) versions on GPUs; matrix products and attention stay library kernels either way."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.rms_norm, self.swiglu, self.apply_rope, self.combine = rms_norm, swiglu, apply_rope, combine
+
+
+KERNELS = _Kernels()
+
+
+def compile_kernels() -> None:
+    """Fuse the element-wise islands (norms, RoPE, SwiGLU, the weighted expert combine) with torch.compile."""
+    for name in ("rms_norm", "swiglu", "apply_rope", "combine"):
+        setattr(KERNELS, name, torch.compile(globals()[name], dynamic=False))
 
 
 def build_model(config: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,

@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from moonforge.model import MoE, Router, Transformer
+from moonforge.model import MoE, Router, Transformer, compile_kernels
 from moonforge.parallel.checkpointing import apply_activation_checkpointing
 from moonforge.parallel.context import apply_context_parallel
 from moonforge.parallel.dims import ParallelDims
@@ -99,8 +99,7 @@ def parallelize(model: Transformer, meshes: Meshes, *, param_dtype: torch.dtype 
                 moe.seq_group = meshes.cp_tp.get_group()
         apply_activation_checkpointing(part, activation_checkpointing, ac_layers)
         if compile:
-            for block in part.model.layers.values():
-                block.compile()
+            compile_kernels()
         if use_fsdp:
             n_blocks = len(part.model.layers)
             offload_blocks = round(offload_fraction * n_blocks)

@@ -20,7 +20,7 @@ from torch.distributed._functional_collectives import (all_gather_tensor_autogra
                                                        reduce_scatter_tensor_autograd)
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-from moonforge.model import GroupedExperts, MoE, combine, expert_ffn, sort_by_expert
+from moonforge.model import KERNELS, GroupedExperts, MoE, expert_ffn, sort_by_expert
 from moonforge.parallel.mesh import Meshes
 
 
@@ -80,7 +80,7 @@ class _ParallelExperts:
             h = self._dispatch_compute_combine(routed, counts, gate_up, down)
         else:
             h = expert_ffn(routed, gate_up, down, counts)
-        out = combine(h, order, weights)
+        out = KERNELS.combine(h, order, weights)
         if self.etp > 1:
             out = reduce_scatter_tensor_autograd(out, "sum", scatter_dim=0, group=self.etp_group)
         return out

@@ -81,6 +81,7 @@ class TrainConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
+    optimizer_state_dtype: str = "fp32"    # fp32 | bf16 Adam moments (Megatron's precision-aware optimizer)
     clip_grad: float = 1.0
     muon: MuonConfig = field(default_factory=MuonConfig)
     precision: str = "bf16"
@@ -103,7 +104,7 @@ class TrainConfig:
     aux_loss_coeff: float = 0.0
     max_skipped_steps: int = 10            # non-finite steps in a row before the run stops
     loss_scale: float | None = None        # fp16: None = dynamic loss scaling from 2**16
-    compile: bool = False
+    compile: bool = False                  # fuse the element-wise kernels with torch.compile (GPU)
     tensorboard: bool = True
     resume: bool = True                    # continue from output_dir/checkpoint's latest if present
 
@@ -161,6 +162,7 @@ class TrainConfig:
         _choice(self.data.type, DATA_TYPES, "data.type", fail)
         _choice(self.lr_decay_style, DECAY_STYLES, "lr_decay_style", fail)
         _choice(self.parallel.data_parallel, ("fsdp", "replicate"), "parallel.data_parallel", fail)
+        _choice(self.optimizer_state_dtype, ("fp32", "bf16"), "optimizer_state_dtype", fail)
         _choice(self.muon.router_optimizer, OPTIMIZERS, "muon.router_optimizer", fail)
         for key in ("seq_len", "micro_batch_size", "global_batch_size", "log_interval", "eval_iters"):
             if getattr(self, key) < 1:

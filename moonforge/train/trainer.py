@@ -110,6 +110,9 @@ class Trainer:
     def _build_optimizer(self):
         cfg = self.cfg
         if not self.flat:
+            if cfg.optimizer_state_dtype != "fp32":
+                raise ConfigError("optimizer_state_dtype: bf16 is implemented for single-GPU AdamW runs; use fp32 "
+                                  "with several processes or Muon")
             return build_optimizer(cfg, list(self.pm.named_parameters()), self.device)
         from moonforge.train.flat_adamw import FlatAdamW
         from moonforge.train.optim import is_no_decay
@@ -120,7 +123,8 @@ class Trainer:
                          no_decay=lambda n, p: not norm_decay and is_no_decay(n, p),
                          compute_dtype=torch.bfloat16 if cfg.precision == "bf16" else torch.float16,
                          keep_fp32=lambda n: cfg.router_fp32 and n.endswith("mlp.gate.weight"),
-                         accumulate_fp32=self.grad_accum > 1)
+                         accumulate_fp32=self.grad_accum > 1,
+                         moment_dtype=torch.bfloat16 if cfg.optimizer_state_dtype == "bf16" else torch.float32)
 
     def _resumable(self) -> bool:
         from moonforge.checkpoint.native import CheckpointManager
