@@ -85,3 +85,25 @@ def test_state_dict_round_trip_keeps_flat_views():
         assert torch.equal(p, q)
     p0 = next(other.parameters())
     assert flat2.state[p0]["exp_avg"].data_ptr() >= flat2.groups_flat[0].exp_avg.data_ptr()
+
+
+def test_sharded_adamw_matches_torch_adamw():
+    from moonforge.train.adamw import AdamW
+
+    config = preset("tiny")
+    a, b = build_model(config, seed=0), build_model(config, seed=0)
+    mine = AdamW(a.parameters(), lr=1e-3, weight_decay=0.1)
+    ref = torch.optim.AdamW(b.parameters(), lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, foreach=False)
+    for _ in range(3):
+        ids = torch.randint(0, config.vocab_size, (2, 17))
+        _step(a, ids)
+        _step(b, ids)
+        mine.clip_coef.fill_(0.5)
+        for p in b.parameters():
+            p.grad.mul_(0.5)
+        mine.step()
+        ref.step()
+        mine.zero_grad()
+        ref.zero_grad()
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.allclose(p, q, atol=1e-6, rtol=1e-5), name

@@ -1,4 +1,5 @@
-"""Optimizers: AdamW (the seed's Adam with betas 0.9/0.95, decoupled weight decay 0.1) or Muon."""
+"""Optimizers: AdamW (the seed's Adam with betas 0.9/0.95, decoupled weight decay 0.1) or Muon, with the
+parameter groups Megatron uses (no weight decay on biases and norm weights unless asked)."""
 
 from __future__ import annotations
 
@@ -37,9 +38,11 @@ def build_optimizer(cfg: TrainConfig, named_params: list[tuple[str, nn.Parameter
         groups.setdefault(key, {"params": [], "names": [], "weight_decay": decay})
         groups[key]["params"].append(p)
         groups[key]["names"].append(name)
-    kwargs = {"fused": True} if device.type == "cuda" else {"foreach": False}
-    return torch.optim.AdamW(list(groups.values()), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                             eps=cfg.adam_eps, weight_decay=cfg.weight_decay, **kwargs)
+    from moonforge.train.adamw import AdamW
+
+    return AdamW(list(groups.values()), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+                 weight_decay=cfg.weight_decay,
+                 state_dtype=torch.bfloat16 if cfg.optimizer_state_dtype == "bf16" else torch.float32)
 
 
 class _NamedParams(nn.Module):

@@ -110,9 +110,6 @@ class Trainer:
     def _build_optimizer(self):
         cfg = self.cfg
         if not self.flat:
-            if cfg.optimizer_state_dtype != "fp32":
-                raise ConfigError("optimizer_state_dtype: bf16 is implemented for single-GPU AdamW runs; use fp32 "
-                                  "with several processes or Muon")
             return build_optimizer(cfg, list(self.pm.named_parameters()), self.device)
         from moonforge.train.flat_adamw import FlatAdamW
         from moonforge.train.optim import is_no_decay
@@ -258,7 +255,12 @@ class Trainer:
         if self.loss_scale != 1.0:
             for p in params:
                 p.grad.div_(self.loss_scale)
-        return clip_grad_norm(params, self.cfg.clip_grad, self.meshes if self.world > 1 else None)
+        coef = getattr(self.optimizer, "clip_coef", None)  # optimizers that clip inside their fused update
+        norm = clip_grad_norm(params, self.cfg.clip_grad if coef is None else 0.0,
+                              self.meshes if self.world > 1 else None)
+        if coef is not None and self.cfg.clip_grad > 0:
+            coef.copy_((self.cfg.clip_grad / (norm + 1e-6)).clamp(max=1.0))
+        return norm
 
     def _pipeline_forward_backward(self, micro_batches) -> torch.Tensor:
         prepared = [self._prepare(b) for b in micro_batches]

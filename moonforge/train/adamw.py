@@ -1,0 +1,68 @@
+"""AdamW for sharded parameters (FSDP2/TP/EP DTensors or plain tensors), with moments in fp32 or bf16.
+
+The update of each parameter is one fused element-wise kernel on GPUs (gradient clipping folded in), so a step
+reads and writes each byte once; bf16 moments cut the optimizer state from 8 to 4 bytes per parameter, which
+is what lets full Moonlight pretraining fit on two H200s. The formula is torch.optim.AdamW's.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch.distributed.tensor import DTensor
+
+
+class AdamW(torch.optim.Optimizer):
+    def __init__(self, params, *, lr: float, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.1,
+                 state_dtype: torch.dtype = torch.float32):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.state_dtype = state_dtype
+        device = next(p.device for g in self.param_groups for p in g["params"])
+        # Gradient clipping coefficient, applied inside the update (set by the trainer before step()).
+        self.clip_coef = torch.ones((), dtype=torch.float32, device=device)
+
+    def _init_state(self, p: torch.Tensor) -> dict:
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=_local(p).device)
+            state["exp_avg"] = torch.zeros_like(p, dtype=self.state_dtype)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=self.state_dtype)
+        return state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self._init_state(p)
+                state["step"] += 1
+                local = _local(p)
+                kernel = _compiled_update() if local.is_cuda else _update
+                lr = torch.as_tensor(group["lr"], dtype=torch.float32, device=local.device)
+                kernel(local.view(-1), _local(state["exp_avg"]).view(-1), _local(state["exp_avg_sq"]).view(-1),
+                       _local(p.grad).view(-1), self.clip_coef.to(local.device), state["step"], lr, beta1, beta2,
+                       group["eps"], group["weight_decay"])
+        return None
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _update(param, exp_avg, exp_avg_sq, grad, clip_coef, step, lr, beta1: float, beta2: float, eps: float,
+            weight_decay: float) -> None:
+    g = grad.float() * clip_coef
+    m = exp_avg.float() * beta1 + g * (1 - beta1)
+    v = exp_avg_sq.float() * beta2 + g * g * (1 - beta2)
+    update = (m / (1 - beta1 ** step)) / ((v / (1 - beta2 ** step)).sqrt() + eps)
+    param.copy_(param.float() * (1 - lr * weight_decay) - lr * update)
+    exp_avg.copy_(m)
+    exp_avg_sq.copy_(v)
+
+
+@functools.cache
+def _compiled_update():
+    return torch.compile(_update, dynamic=True)
