@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import socket
+import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -115,7 +117,7 @@ def assert_same(got: dict, want: dict, what: str) -> None:
 # ---------------------------------------------------------------------------------------------------- workers
 def _init(rank: int, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=120))
 
 
 def _worker(rank: int, port: int, tmp: str) -> None:
@@ -204,8 +206,15 @@ def test_save_in_one_layout_load_in_others(tmp_path):
 
     make_hf_model("moonlight", tmp_path / "hf", dtype=torch.bfloat16)
     hf_to_native(tmp_path / "hf", tmp_path / "native")
-    # fork: the children inherit the imported modules instead of importing torch again.
-    mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, start_method="fork")
+    # spawn, not fork: forking a process that already runs threads (torch's pools, earlier tests) can deadlock.
+    workers = mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, start_method="spawn",
+                                 join=False)
+    deadline = time.time() + 300
+    while not workers.join(timeout=5):
+        if time.time() > deadline:
+            for process in workers.processes:
+                process.kill()
+            pytest.fail("the distributed workers did not finish within 300 s")
     want = torch.load(tmp_path / "want.pt")
     model = build_model(preset("tiny"), seed=5)
     optimizer = make_optimizer(model)

@@ -187,7 +187,14 @@ class DCPWriter:
             self._open_next()
         tensor = tensor.detach().contiguous().cpu()
         offset = self._stream.size
-        torch.save(tensor, self._stream)
+        # The stream keeps a CRC-32 of the whole file for meta.json; torch's per-record CRC would be a second,
+        # slower pass over the same bytes (torch.load does not check it).
+        crc_option = torch.serialization.get_crc32_options()
+        torch.serialization.set_crc32_options(False)
+        try:
+            torch.save(tensor, self._stream)
+        finally:
+            torch.serialization.set_crc32_options(crc_option)
         zeros = torch.Size([0] * tensor.dim())
         self.state_dict_metadata[fqn] = TensorStorageMetadata(
             properties=TensorProperties(dtype=tensor.dtype), size=tensor.size(),

@@ -199,13 +199,16 @@ class HFCheckpoint:
                       for k in range(g.start, g.stop)]
             return torch.stack(halves, dim=1)
         _, prefix, _, kind = source
+        # Fill one preallocated tensor expert by expert: no list of pieces, no stacking copy.
+        out = torch.empty([s.stop - s.start for s in index], dtype=self.native_dtype(name))
         e = index[0]
-        if kind == "down_proj":
-            return torch.stack([self._read_hf(f"{prefix}.{x}.down_proj.weight", index[1:])
-                                for x in range(e.start, e.stop)])
-        projs = ("gate_proj", "up_proj")[index[1].start:index[1].stop]
-        return torch.stack([torch.stack([self._read_hf(f"{prefix}.{x}.{p}.weight", index[2:]) for p in projs])
-                            for x in range(e.start, e.stop)])
+        for i, x in enumerate(range(e.start, e.stop)):
+            if kind == "down_proj":
+                out[i] = self._read_hf(f"{prefix}.{x}.down_proj.weight", index[1:])
+            else:
+                for j, p in enumerate(("gate_proj", "up_proj")[index[1].start:index[1].stop]):
+                    out[i, j] = self._read_hf(f"{prefix}.{x}.{p}.weight", index[2:])
+        return out
 
     def close(self) -> None:
         self._handles.clear()
