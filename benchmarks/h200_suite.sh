@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The GPU benchmark suite behind benchmarks/results/*_h200*.json. Usage:
+#   bash benchmarks/h200_suite.sh one OUTDIR    # one H200: 6-layer Moonlight vs transformers, parity
+#   bash benchmarks/h200_suite.sh two OUTDIR    # two H200s: full 27-layer Moonlight pretraining and packed SFT
+# Each run writes one JSON (see benchmarks/train_bench.py); a failing run records its error and the suite goes on.
+set -u
+MODE=$1; OUT=$2; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True PYTHONPATH=${PYTHONPATH:-$PWD}
+bench() {  # bench NAME NPROC TIMEOUT ARGS...
+  local name=$1 nproc=$2 limit=$3; shift 3
+  timeout "$limit" torchrun --standalone --nproc_per_node "$nproc" benchmarks/train_bench.py --label "$name" \
+    --out "$OUT/$name.json" "$@" > "$OUT/$name.log" 2>&1
+  echo "$name: exit $? $(grep -E '"(tokens_per_s_per_gpu|tflops_per_gpu|peak_memory_gib|speedup|error)"' \
+    "$OUT/$name.log" | tr -d ' \n')"
+}
+if [ "$MODE" = one ]; then
+  python3 benchmarks/gpu_parity.py --out "$OUT/gpu_parity_h200.json" > "$OUT/parity.log" 2>&1; tail -6 "$OUT/parity.log"
+  bench train_6l_h200_compiled_vs_hf 1 300 --layers 6 --mbs 2 --seq 4096 --steps 8 --warmup 4 --state-dtype bf16 \
+    --compile --hf-baseline
+fi
+if [ "$MODE" = two ]; then
+  COMMON="--seq 4096 --steps 5 --warmup 3 --state-dtype bf16 --compile"
+  bench train_6l_2xh200_ep2_check 2 150 --layers 6 --mbs 1 --gbs 4 --ep 2 $COMMON
+  bench train_27l_2xh200_ep2 2 240 --layers 27 --mbs 1 --gbs 16 --ep 2 --ac sel $COMMON
+  bench train_27l_2xh200_fsdp2 2 240 --layers 27 --mbs 1 --gbs 16 --ac sel $COMMON
+  bench sft_packed_8k_27l_2xh200_ep2 2 240 --layers 27 --mbs 1 --gbs 8 --ep 2 --ac full --attention varlen \
+    --packed 8 --seq 8192 --steps 5 --warmup 3 --state-dtype bf16 --compile
+fi
