@@ -23,7 +23,11 @@ def apply_fsdp(part: Transformer, meshes: Meshes, *, param_dtype: torch.dtype, r
                offload_blocks: int = 0) -> list:
     """Wrap ``part`` with fully_shard; returns the FSDP modules (for gradient-sync control)."""
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
-    router_mp = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+    # Inside an MoE the inputs are left as they are: the routing weights must stay fp32 (FSDP would cast them
+    # to the compute dtype), and activation checkpointing must see the same dtypes when it recomputes.
+    moe_mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
+    router_mp = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32,
+                                     cast_forward_inputs=False)
     dense_mesh = meshes.dp_cp_replicate if replicate else meshes.dp_cp
     stage_mesh = meshes.stage_replicate if replicate else meshes.stage
     wrapped = []
@@ -35,7 +39,7 @@ def apply_fsdp(part: Transformer, meshes: Meshes, *, param_dtype: torch.dtype, r
             wrapped.append(fully_shard(moe.gate, mesh=stage_mesh, mp_policy=router_mp, offload_policy=offload,
                                        reshard_after_forward=reshard_after_forward))
             moe_modules = [m for m in (moe.shared_experts, moe.experts) if m is not None]
-            wrapped.append(fully_shard(moe_modules, mesh=stage_mesh, mp_policy=mp, offload_policy=offload,
+            wrapped.append(fully_shard(moe_modules, mesh=stage_mesh, mp_policy=moe_mp, offload_policy=offload,
                                        reshard_after_forward=reshard_after_forward, ignored_params=ignored_params))
         wrapped.append(fully_shard(block, mesh=dense_mesh, mp_policy=mp, offload_policy=offload,
                                    reshard_after_forward=reshard_after_forward, ignored_params=ignored_params))
