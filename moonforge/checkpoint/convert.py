@@ -43,10 +43,10 @@ from moonforge.checkpoint.native import (
     copy_tokenizer_files,
     is_native_checkpoint,
     iteration_dirname,
+    resolve_iteration_dir,
+    split_checkpoint_path,
     verify_iteration,
     write_checkpoint_skeleton,
-    _resolve_iteration,
-    _split_path,
 )
 from moonforge.config import ModelConfig
 from moonforge.parallel.dims import ParallelDims
@@ -192,12 +192,12 @@ def native_to_hf(ckpt_dir: str | Path, out: str | Path, *, dtype: torch.dtype | 
     ``layout`` (the seed's arguments) is only checked against the model.
     """
     start = time.time()
-    root, from_path = _split_path(ckpt_dir)
+    root, from_path = split_checkpoint_path(ckpt_dir)
     if not is_native_checkpoint(root):
         raise CheckpointError(f"{ckpt_dir}: not a moonforge checkpoint (no moonforge.json); for a Hugging Face "
                               "directory use `moonforge convert hf-to-native` first")
     out = Path(out)
-    iter_dir = _resolve_iteration(root, iteration if iteration is not None else from_path)
+    iter_dir = resolve_iteration_dir(root, iteration if iteration is not None else from_path)
     verify_iteration(iter_dir, checksum=verify, collective=False)
     config = ModelConfig.from_json(root / "config.json")
     if layout is not None:

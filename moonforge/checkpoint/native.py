@@ -75,7 +75,7 @@ def iteration_dirname(iteration: int) -> str:
     return f"iter_{iteration:07d}"
 
 
-def _split_path(path: str | Path) -> tuple[Path, int | None]:
+def split_checkpoint_path(path: str | Path) -> tuple[Path, int | None]:
     """(checkpoint root, iteration) for a root directory or one of its iter_* directories."""
     path = Path(path)
     m = _ITER_DIR.match(path.name)
@@ -86,7 +86,7 @@ def _split_path(path: str | Path) -> tuple[Path, int | None]:
 
 def is_native_checkpoint(path: str | Path) -> bool:
     """True for a moonforge checkpoint directory (or one of its iter_* directories)."""
-    root, _ = _split_path(path)
+    root, _ = split_checkpoint_path(path)
     try:
         return json.loads((root / FORMAT_FILE).read_text()).get("format") == FORMAT["format"]
     except (OSError, ValueError, AttributeError):
@@ -159,7 +159,8 @@ def _rank_world(process_group=None) -> tuple[int, int]:
     return 0, 1
 
 
-def _resolve_iteration(root: Path, iteration: int | None) -> Path:
+def resolve_iteration_dir(root: Path, iteration: int | None) -> Path:
+    """The directory of ``iteration`` under ``root`` (default: the one ``latest`` names)."""
     if iteration is None:
         iteration = CheckpointManager(root).latest_iteration()
         if iteration is None:
@@ -290,7 +291,11 @@ def _check_request(request: dict[str, Any], metadata: Metadata, where: Path, str
 
 # ---------------------------------------------------------------------------------------------------- manager
 class CheckpointManager:
-    """Save and resume training state under one checkpoint root (collective calls are marked)."""
+    """Save and resume training state under one checkpoint root (collective calls are marked).
+
+    Construction is collective when ``async_save`` is set under torch.distributed (it creates the gloo group
+    that background saves use). ``keep_last`` deletes all but the newest N iterations after each save.
+    """
 
     def __init__(self, root: str | Path, *, keep_last: int | None = None, async_save: bool = False,
                  process_group=None, verify_checksums: bool = True):
@@ -388,10 +393,14 @@ class CheckpointManager:
                         torch_version=torch.__version__, files=dict(sorted(records.items())))
             atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=1) + "\n")
             fsync_dir(tmp)
-            if final.exists():
-                shutil.rmtree(final)
+            replaced = None
+            if final.exists():  # saving an iteration again: keep the old copy until the new one is in place
+                replaced = self.root / (name + ".replaced" + PARTIAL_SUFFIX)
+                os.replace(final, replaced)
             os.replace(tmp, final)
             fsync_dir(self.root)
+            if replaced is not None:
+                shutil.rmtree(replaced)
             atomic_write_text(self.root / LATEST_FILE, name + "\n")
             fsync_dir(self.root)
             self._prune()
@@ -415,7 +424,7 @@ class CheckpointManager:
         checked against meta.json first. With ``strict=False`` entries absent from the checkpoint are skipped.
         """
         self.wait()
-        iter_dir = _resolve_iteration(self.root, iteration)
+        iter_dir = resolve_iteration_dir(self.root, iteration)
         meta = verify_iteration(iter_dir, self.verify_checksums, self.process_group)
         metadata = read_metadata(iter_dir)
         request: dict[str, Any] = {}
@@ -455,8 +464,8 @@ def load_native_model(path: str | Path, dtype: torch.dtype = torch.float32, devi
     """Single process: the model of a moonforge checkpoint (``path`` = root or an iter_* directory)."""
     from moonforge.model import Transformer, cast_model
 
-    root, from_path = _split_path(path)
-    iter_dir = _resolve_iteration(root, iteration if iteration is not None else from_path)
+    root, from_path = split_checkpoint_path(path)
+    iter_dir = resolve_iteration_dir(root, iteration if iteration is not None else from_path)
     verify_iteration(iter_dir, checksum=True, collective=False)
     config = ModelConfig.from_json(root / "config.json")
     with torch.device("meta"):
@@ -490,8 +499,8 @@ def load_model_weights(model: nn.Module, source: str | Path, *, strict: bool = T
     full_sd = get_model_state_dict(model)
     request = _model_request(full_sd, config)
     if is_native_checkpoint(source):
-        root, from_path = _split_path(source)
-        iter_dir = _resolve_iteration(root, from_path)
+        root, from_path = split_checkpoint_path(source)
+        iter_dir = resolve_iteration_dir(root, from_path)
         verify_iteration(iter_dir, checksum=True, process_group=process_group)
         _check_request(request, read_metadata(iter_dir), iter_dir, strict)
         dcp_files.load(request, SafeFileSystemReader(iter_dir), SafeLoadPlanner(allow_partial_load=not strict),
