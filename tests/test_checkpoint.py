@@ -253,3 +253,42 @@ def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path):
         assert meta["step"] == 1 and torch.equal(restored["a"], torch.full((1 << 20,), 1.0))
         manager.save(3, {"w": restored}, {"step": 3})  # the next save clears the stale partial directory
         assert not (root / "iter_0000002.partial").exists() and manager.iterations() == [1, 3]
+
+
+def test_pipeline_parts_save_and_load_into_one_model(tmp_path):
+    """Two pipeline stages (several model parts, one optimizer each) -> one whole model, and back."""
+    import copy
+
+    whole = tiny_model()
+    first, second = copy.deepcopy(whole), copy.deepcopy(whole)
+    for name in ("2", "3"):
+        del first.model.layers[name]
+    for name in ("0", "1"):
+        del second.model.layers[name]
+    first.model.norm = first.lm_head = None
+    second.model.embed_tokens = None
+    optimizers = [torch.optim.AdamW(p.parameters(), lr=1e-3, foreach=False) for p in (first, second)]
+    for seed, (part, opt) in enumerate(zip((first, second), optimizers)):
+        train_step(part, opt, seed)
+    manager = CheckpointManager(tmp_path)
+    manager.save(1, {"model": ModelState([first, second]), "optimizer": OptimizerState([first, second], optimizers)},
+                 {})
+    want = {**OptimizerState(first, optimizers[0]).state_dict(), **OptimizerState(second, optimizers[1]).state_dict()}
+
+    loaded = tiny_model(seed=9)
+    optimizer = torch.optim.AdamW(loaded.parameters(), lr=1e-3, foreach=False)
+    manager.load({"model": loaded, "optimizer": OptimizerState(loaded, optimizer)})
+    got = OptimizerState(loaded, optimizer).state_dict()
+    assert sorted(got) == sorted(want)
+    for key, value in want.items():
+        assert torch.equal(got[key], value) if isinstance(value, torch.Tensor) else got[key] == value, key
+    for name, tensor in {**first.state_dict(), **second.state_dict()}.items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+
+    # And back into fresh stages.
+    stage = copy.deepcopy(second)
+    stage_opt = torch.optim.AdamW(stage.parameters(), lr=1e-3, foreach=False)
+    manager.load({"model": ModelState([stage]), "optimizer": OptimizerState([stage], [stage_opt])})
+    for key, value in OptimizerState(second, optimizers[1]).state_dict().items():
+        got_value = OptimizerState(stage, stage_opt).state_dict()[key]
+        assert torch.equal(got_value, value) if isinstance(value, torch.Tensor) else got_value == value, key

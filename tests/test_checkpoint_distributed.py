@@ -20,7 +20,13 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from moonforge.checkpoint.hf import HFCheckpoint
-from moonforge.checkpoint.native import CheckpointManager, ModelState, OptimizerState, load_model_weights
+from moonforge.checkpoint.native import (
+    CheckpointManager,
+    ModelState,
+    OptimizerState,
+    load_model_weights,
+    write_checkpoint_skeleton,
+)
 from moonforge.config import ModelConfig, preset
 from moonforge.model import GroupedExperts, MLP, MLA, build_model
 
@@ -133,6 +139,8 @@ def _save_and_reshard(rank: int, tmp: Path) -> None:
     optimizer = make_optimizer(model)
     fake_step(model, optimizer, seed=1)
     manager = CheckpointManager(tmp / "run", keep_last=2)
+    if rank == 0:
+        write_checkpoint_skeleton(tmp / "run", config, None)
     state = {"model": ModelState(model), "optimizer": OptimizerState(model, optimizer),
              "scheduler": {"last_epoch": 7, "base_lrs": [0.01]}, f"rng_rank{rank}": {"cpu": torch.get_rng_state()}}
     manager.save(7, state, {"consumed_tokens": 7 * 4096})
@@ -222,4 +230,20 @@ def test_save_in_one_layout_load_in_others(tmp_path):
                                                     strict=False)
     assert_same(snapshot(model, optimizer), want, "one process")
     assert meta["iteration"] == 7 and meta["consumed_tokens"] == 7 * 4096
+
+    # The sharded training checkpoint exports to Hugging Face's per-expert layout.
+    from safetensors.torch import load_file
+
+    from moonforge.checkpoint.convert import native_to_hf
+    from moonforge.checkpoint.hf import native_to_hf as split_native
+
+    native_to_hf(tmp_path / "run", tmp_path / "export")
+    exported = {}
+    for file in (tmp_path / "export").glob("*.safetensors"):
+        exported.update(load_file(file))
+    expect = {n: t for key, full in want.items() if key.startswith("model/")
+              for n, t in split_native(key.removeprefix("model/"), full)}
+    assert sorted(exported) == sorted(expect)
+    for name, tensor in expect.items():
+        assert torch.equal(exported[name], tensor), name
 
