@@ -37,7 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     n2h.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
                      help="weight dtype (default: as stored); e_score_correction_bias stays fp32")
     n2h.add_argument("--iteration", type=int, default=None, help="iteration to export (default: latest)")
-    n2h.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    n2h.add_argument("--max-shard-size", default="5GB", type=_size,
+                     help="largest safetensors shard, e.g. 5GB, 500MB, 2GiB (default 5GB)")
     n2h.add_argument("--tokenizer", default=None,
                      help="take tokenizer files from this directory instead of the checkpoint's")
     n2h.add_argument("--no-verify", action="store_true", help="skip the CRC-32 check of the checkpoint files")
@@ -56,6 +57,15 @@ def add_layout_arguments(parser: argparse.ArgumentParser, what: str) -> None:
     group.add_argument("--ep", type=int, default=1, help="expert parallel size")
     group.add_argument("--pp0-layers", type=int, default=None,
                        help="layers of the first pipeline stage (the seed's MP_PP0_LAYERS; needs PP > 1)")
+
+
+def _size(text: str) -> int:
+    from moonforge.checkpoint.convert import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _layout(args: argparse.Namespace):
@@ -91,11 +101,11 @@ def run_hf_to_native(args: argparse.Namespace) -> int:
 
 @user_errors
 def run_native_to_hf(args: argparse.Namespace) -> int:
-    from moonforge.checkpoint.convert import native_to_hf, parse_size
+    from moonforge.checkpoint.convert import native_to_hf
     from moonforge.utils import parse_dtype
 
     dtype = parse_dtype(args.dtype) if args.dtype else None
     native_to_hf(Path(args.ckpt), Path(args.out), dtype=dtype, iteration=args.iteration,
-                 max_shard_bytes=parse_size(args.max_shard_size), tokenizer_src=args.tokenizer, force=args.force,
+                 max_shard_bytes=args.max_shard_size, tokenizer_src=args.tokenizer, force=args.force,
                  verify=not args.no_verify, layout=_layout(args))
     return 0

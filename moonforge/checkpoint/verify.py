@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from moonforge.checkpoint.cli import user_errors
+
 logger = logging.getLogger(__name__)
 
 # (max |diff|, min cosine, min top-1 agreement) per compute dtype. Half-precision runs of two implementations
@@ -63,7 +65,10 @@ def run_models(hf_dir: Path, ckpt: Path, dtype: torch.dtype, tokens: int, batch:
     import transformers
 
     import moonforge
+    from moonforge.loading import is_hf_directory
 
+    if not is_hf_directory(hf_dir):
+        raise FileNotFoundError(f"{hf_dir}: not a Hugging Face model directory (config.json + *.safetensors)")
     ours = moonforge.load_model(ckpt, dtype=dtype)
     reference = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=dtype).eval()
     vocab = min(ours.config.vocab_size, reference.config.vocab_size)
@@ -90,6 +95,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+@user_errors
 def run(args: argparse.Namespace) -> int:
     from moonforge.utils import parse_dtype
 
