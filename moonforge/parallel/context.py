@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch.distributed._functional_collectives import all_gather_tensor_autograd
 
 from moonforge.model import AttentionMask, Transformer
+from moonforge.parallel.comm import all_gather
 
 
 def chunk_indices(seq_len: int, cp: int, rank: int, device=None) -> torch.Tensor:
@@ -49,7 +49,7 @@ class ContextParallel:
 
     def gather_latent(self, c_kv: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         latent = torch.cat([c_kv, k_pe], dim=-1)
-        full = all_gather_tensor_autograd(latent.contiguous(), gather_dim=1, group=self.group)
+        full = all_gather(latent, self.group, dim=1)
         return full.split([c_kv.shape[-1], k_pe.shape[-1]], dim=-1)
 
 

@@ -16,11 +16,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed._functional_collectives import (all_gather_tensor_autograd, all_to_all_single_autograd,
-                                                       reduce_scatter_tensor_autograd)
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from moonforge.model import KERNELS, GroupedExperts, MoE, expert_ffn, sort_by_expert
+from moonforge.parallel.comm import all_gather, all_to_all, reduce_scatter
 from moonforge.parallel.mesh import Meshes
 
 
@@ -70,8 +69,8 @@ class _ParallelExperts:
         gate_up = self.experts.gate_up_proj.to_local()
         down = self.experts.down_proj.to_local()
         if self.etp > 1:
-            x = all_gather_tensor_autograd(x, gather_dim=0, group=self.etp_group)
-            weights = all_gather_tensor_autograd(weights, gather_dim=0, group=self.etp_group)
+            x = all_gather(x, self.etp_group)
+            weights = all_gather(weights, self.etp_group)
             indices = _all_gather_no_grad(indices, self.etp_group)
         top_k = indices.shape[1]
         order, counts = sort_by_expert(indices, self.n_experts)
@@ -82,7 +81,7 @@ class _ParallelExperts:
             h = expert_ffn(routed, gate_up, down, counts)
         out = KERNELS.combine(h, order, weights)
         if self.etp > 1:
-            out = reduce_scatter_tensor_autograd(out, "sum", scatter_dim=0, group=self.etp_group)
+            out = reduce_scatter(out, self.etp_group)
         return out
 
     def _dispatch_compute_combine(self, routed: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor,
@@ -93,7 +92,7 @@ class _ParallelExperts:
         dist.all_to_all_single(recv, send, group=self.ep_group)  # recv[src, e]: rows from src for local expert e
         splits = torch.stack([send.sum(1), recv.sum(1)]).tolist()  # one host sync per layer
         send_splits, recv_splits = splits
-        received = all_to_all_single_autograd(routed, recv_splits, send_splits, self.ep_group)
+        received = all_to_all(routed, recv_splits, send_splits, self.ep_group)
         # Received rows are ordered (source rank, expert); the grouped GEMM wants (expert, source rank).
         segment = torch.arange(ep * local_experts, device=routed.device).view(ep, local_experts)
         segment_of_row = torch.repeat_interleave((segment % local_experts) * ep + segment // local_experts,
@@ -101,7 +100,7 @@ class _ParallelExperts:
         by_expert = segment_of_row.argsort(stable=True)
         h = expert_ffn(received[by_expert], gate_up, down, recv.sum(0))
         h = torch.empty_like(h).index_copy_(0, by_expert, h)
-        return all_to_all_single_autograd(h, send_splits, recv_splits, self.ep_group)
+        return all_to_all(h, send_splits, recv_splits, self.ep_group)
 
 
 def _all_gather_no_grad(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
