@@ -649,7 +649,7 @@ KERNELS = _Kernels()
 def compile_kernels() -> None:
     """Fuse the element-wise islands (norms, RoPE, SwiGLU, the weighted expert combine) with torch.compile."""
     for name in ("rms_norm", "swiglu", "apply_rope", "combine"):
-        setattr(KERNELS, name, torch.compile(globals()[name], dynamic=False))
+        setattr(KERNELS, name, torch.compile(globals()[name]))  # shapes that vary become dynamic
 
 
 def build_model(config: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
