@@ -19,10 +19,9 @@ if [ "$MODE" = one ]; then
     --compile --hf-baseline
 fi
 if [ "$MODE" = two ]; then
-  COMMON="--seq 4096 --steps 5 --warmup 3 --state-dtype bf16 --compile"
-  bench train_6l_2xh200_ep2_check 2 150 --layers 6 --mbs 1 --gbs 4 --ep 2 $COMMON
-  bench train_27l_2xh200_ep2 2 240 --layers 27 --mbs 1 --gbs 16 --ep 2 --ac sel $COMMON
-  bench train_27l_2xh200_fsdp2 2 240 --layers 27 --mbs 1 --gbs 16 --ac sel $COMMON
-  bench sft_packed_8k_27l_2xh200_ep2 2 240 --layers 27 --mbs 1 --gbs 8 --ep 2 --ac full --attention varlen \
-    --packed 8 --seq 8192 --steps 5 --warmup 3 --state-dtype bf16 --compile
+  COMMON="--steps 5 --warmup 3 --state-dtype bf16 --compile"
+  bench train_6l_2xh200_fsdp2 2 100 --layers 6 --mbs 1 --gbs 4 --seq 4096 $COMMON
+  bench train_27l_2xh200_ep2 2 200 --layers 27 --mbs 1 --gbs 8 --ep 2 --seq 4096 --ac sel $COMMON
+  bench sft_packed_8k_27l_2xh200_ep2 2 170 --layers 27 --mbs 1 --gbs 4 --ep 2 --seq 8192 --ac full \
+    --attention varlen --packed 8 $COMMON
 fi
