@@ -23,7 +23,7 @@
 set -euo pipefail
 
 usage() {
-    sed -n '2,26p' "$0" >&2
+    sed -n '2,/^[^#]/{/^#/p}' "$0" >&2
     exit 2
 }
 
