@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -530,20 +531,16 @@ class Transformer(nn.Module):
         return cross_entropy_sum(self.lm_head(h), labels)
 
     @torch.no_grad()
-    def init_weights(self, seed: int | None = None) -> None:
-        """Hugging Face's initialisation: normal(0, initializer_range) matrices, unit norms, zero router bias."""
-        if seed is not None:
-            torch.manual_seed(seed)
-        std = self.config.initializer_range
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=std)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, (RMSNorm, RotaryEmbedding)):
-                module.reset_parameters()
-            elif isinstance(module, (Router, GroupedExperts)):
-                module.reset_parameters(std)
+    def init_weights(self, seed: int = 0) -> None:
+        """Hugging Face's initialisation: normal(0, initializer_range) matrices, unit norms, zero biases.
+
+        Each tensor is drawn from its own generator seeded by (seed, name), so a tensor's initial value does not
+        depend on which other tensors a model part holds: pipeline stages and sharded layouts start from exactly
+        the weights one process would (see ``initial_tensor``).
+        """
+        for name, tensor in self.state_dict(keep_vars=True).items():
+            tensor.data.copy_(initial_tensor(self, name, tensor.shape, tensor.dtype, tensor.device, seed))
+        self.reset_buffers()
 
     @torch.no_grad()
     def reset_buffers(self) -> None:
@@ -556,6 +553,21 @@ class Transformer(nn.Module):
 
     def routers(self) -> dict[int, Router]:
         return {int(i): layer.mlp.gate for i, layer in self.model.layers.items() if isinstance(layer.mlp, MoE)}
+
+
+@torch.no_grad()
+def initial_tensor(model: nn.Module, name: str, shape, dtype: torch.dtype, device, seed: int) -> torch.Tensor:
+    """The initial value of state-dict entry ``name`` (global shape), independent of the model's layout."""
+    owner = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+    leaf = name.rsplit(".", 1)[-1]
+    if isinstance(owner, RMSNorm):
+        return torch.ones(shape, dtype=dtype, device=device)
+    if leaf == "bias" or leaf == "e_score_correction_bias":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    generator = torch.Generator(device=device).manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+    out = torch.empty(shape, dtype=torch.float32, device=device)
+    out.normal_(0.0, model.config.initializer_range, generator=generator)
+    return out.to(dtype)
 
 
 def positions_from_documents(document_ids: torch.Tensor) -> torch.Tensor:
@@ -658,7 +670,7 @@ def build_model(config: ModelConfig, device: torch.device | str = "cpu", dtype: 
     with torch.device("meta"):
         model = Transformer(config)
     model.to_empty(device=device)
-    model.init_weights(seed)
+    model.init_weights(seed if seed is not None else 0)
     return cast_model(model, dtype)
 
 

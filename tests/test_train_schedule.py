@@ -86,8 +86,6 @@ def test_schedule_matches_megatron(sft, train, warmup, style):
         assert ours[0] == 0.0 and ours[warmup_iters] == max_lr
 
 
-@pytest.mark.xfail(strict=True, reason="TrainConfig accepts warmup >= decay iterations; see /work/briefs/requests.md "
-                                       "(training-scripts)")
 @pytest.mark.parametrize("sft, train, warmup", [(True, 100, 50), (True, 100, 60), (False, 8 * 64 * 10, 8 * 64 * 10)])
 def test_warmup_must_end_before_the_decay_does(sft, train, warmup):
     """Megatron refuses lr_warmup_steps >= lr_decay_steps (with SFT's decay of train - warmup iterations, any

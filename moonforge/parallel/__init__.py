@@ -110,11 +110,27 @@ def parallelize(model: Transformer, meshes: Meshes, *, param_dtype: torch.dtype 
 
 
 def materialize(pm: ParallelModel, device: torch.device, init_seed: int | None = None) -> None:
-    """Allocate the parameters of a meta-device parallel model; random-initialise them if ``init_seed`` is set."""
+    """Allocate the parameters of a meta-device parallel model; random-initialise them if ``init_seed`` is set.
+
+    Every tensor is drawn whole, as one process would draw it, and each rank keeps its own part: replicas agree
+    and every layout starts from the same weights.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    from moonforge.model import initial_tensor
+
     for part in pm.parts:
         part.to_empty(device=device)
-        if init_seed is not None:
-            part.init_weights(init_seed + dist.get_rank() if dist.is_initialized() else init_seed)
+        part.reset_buffers()
+        if init_seed is None:
+            continue
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            part.init_weights(init_seed)
+            continue
+        options = StateDictOptions(full_state_dict=True, strict=False)
+        for name, tensor in part.state_dict().items():
+            full = initial_tensor(part, name, tensor.shape, tensor.dtype, device, init_seed)
+            set_model_state_dict(part, {name: full}, options=options)
         part.reset_buffers()
 
 

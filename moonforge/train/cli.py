@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import subprocess
 import sys
 
@@ -78,4 +79,8 @@ def _launch(args: argparse.Namespace, nproc: int, nnodes: int) -> int:
     logger.info("launching %d process(es) per node on %d node(s): %s", nproc, nnodes, " ".join(cmd))
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
-    return subprocess.call(cmd, env=env)
+    proc = subprocess.Popen(cmd, env=env)
+    # Stopping this launcher stops the job: torchrun passes the signal on to its workers.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda signum, frame: proc.send_signal(signum))
+    return proc.wait()

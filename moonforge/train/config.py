@@ -181,6 +181,10 @@ class TrainConfig:
             fail("train_tokens", f"gives {train} iterations at GBS {self.global_batch_size} x seq {self.seq_len}")
         if warmup > train:
             fail("warmup_iters", f"({warmup}) exceeds the training iterations ({train})")
+        if warmup and self.lr_decay_style != "constant" and warmup >= decay:
+            fail("warmup_iters", f"({warmup}) must be less than the LR decay iterations ({decay}"
+                 f"{', train - warmup for SFT' if self.sft and self.lr_decay_iters is None else ''}), as Megatron "
+                 "requires")
         if not 0 <= self.min_lr <= self.lr:
             fail("min_lr", f"must be in [0, lr={self.lr}], got {self.min_lr}")
         if not 0.0 <= self.optimizer_offload <= 1.0:

@@ -54,7 +54,7 @@ def _real_datasets(cfg: TrainConfig, num_samples: int):
         extra["document_mask"] = cfg.data.document_mask
     train = build_dataset(kind, paths, split="train", num_samples=num_samples, **extra, **common)
     valid = None
-    if kind == "pretrain" and cfg.eval_interval:
+    if cfg.eval_interval and not cfg.data.valid:  # the seed's idxmap validation: the split's second share
         valid = build_dataset(kind, paths, split="valid", num_samples=eval_samples, **extra, **common)
     elif cfg.data.valid and cfg.eval_interval:
         valid_paths = [tuple(p) if isinstance(p, (list, tuple)) else p for p in cfg.data.valid]

@@ -91,6 +91,8 @@ class HarnessTrainer(Trainer):
         return NoCheckpoints()
 
     def _load_initial_state(self):
+        if self.args.weights == "none":  # keep the trainer's own (layout-independent) random initialisation
+            return
         full = torch.load(self.args.weights, weights_only=True)
         for part in self.pm.parts:
             mine = {k: v for k, v in full.items() if k in part.state_dict()}
