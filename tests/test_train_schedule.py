@@ -56,7 +56,6 @@ def _config(sft: bool, gbs: int, seq_len: int, train: int, warmup: int, **kw) ->
     (True, 8, 1024, 10_000, 100),              # the seed's SFT example
     (False, 8, 1000, 10_000_001, 8_000 * 3 - 1),  # token counts that do not divide evenly
     (False, 3, 7, 10 * 21 + 20, 0),            # no warmup
-    (True, 16, 64, 50, 50),                    # SFT warmup over every iteration
 ])
 def test_iterations_follow_the_seed(sft, gbs, seq_len, train, warmup):
     assert _config(sft, gbs, seq_len, train, warmup).iterations() == seed_iterations(sft, gbs, seq_len, train, warmup)
