@@ -153,7 +153,7 @@ def _category(evt) -> str:
         scopes.append(parent.name)
         parent = parent.cpu_parent
     scope = next((s for s in scopes if s.startswith("mf.")), "")
-    if "nccl" in name or "all_to_all" in name or "allgather" in name or "reduce_scatter" in name or \
+    if "nccl" in name or "record_param_comms" in name or "all_to_all" in name or "allgather" in name or "reduce_scatter" in name or \
             "c10d" in name or "all_reduce" in name or "all_gather" in name:
         return "communication"
     if scope == "mf.optimizer" or "adam" in name or "muon" in name:
