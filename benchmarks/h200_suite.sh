@@ -27,6 +27,6 @@ if [ "$MODE" = two ]; then
 fi
 if [ "$MODE" = two-b ]; then  # keep gathered weights between forward and backward; without recomputation
   COMMON="--steps 5 --warmup 3 --state-dtype bf16 --compile --set parallel.reshard_after_forward=false"
-  bench train_27l_2xh200_ep2_noreshard 2 200 --layers 27 --mbs 1 --gbs 8 --ep 2 --seq 4096 --ac none $COMMON
-  bench train_27l_2xh200_ep2_noreshard_sel 2 200 --layers 27 --mbs 1 --gbs 8 --ep 2 --seq 4096 --ac sel $COMMON
+  bench train_27l_2xh200_ep2_noreshard 2 170 --layers 27 --mbs 1 --gbs 8 --ep 2 --seq 4096 --ac none $COMMON
+  bench train_27l_2xh200_ep2_noreshard_sel 2 170 --layers 27 --mbs 1 --gbs 8 --ep 2 --seq 4096 --ac sel $COMMON
 fi
