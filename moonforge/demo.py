@@ -1,46 +1,498 @@
-"""``moonforge demo``: the seed's whole Moonlight workflow on a tiny model, on the CPU, in a few minutes."""
+"""``moonforge demo``: the seed's whole Moonlight workflow on a tiny model, on the CPU, in a few minutes.
+
+Every step runs the ``moonforge`` command a user would type (through ``moonforge.cli.main``), so the demo
+exercises the toolkit end to end, and its summary lists each command with its result:
+
+     1  generate the demo's data (a corpus, instruction data, CMMLU/C-Eval-layout exams, a word list)
+     2  moonforge tokenizer train            a tokenizer in Moonlight's format
+     3  moonforge convert native-to-hf       a tiny random "pretrained" model, saved as a Hugging Face directory
+     4  moonforge convert hf-to-native       ... converted to a moonforge checkpoint (the seed's hf2mcore)
+     5  moonforge verify                     transformers' logits on the HF directory vs ours on the checkpoint
+     6  moonforge data pretrain              corpus -> Megatron idxmap
+     7  moonforge data sft                   instruction data -> SFT idxmap (packed)
+     8  moonforge train (pretraining)        continued pretraining from the converted checkpoint
+     9  moonforge train (SFT, idxmap)        fine-tuning from the pretraining checkpoint
+    10  moonforge train (SFT, raw JSON)      the same from the JSON file (the seed's MP_DATASET_TYPE=raw)
+    11  moonforge convert native-to-hf       export of the fine-tuned checkpoint (the seed's mcore2hf)
+    12  moonforge verify                     the export against the checkpoint
+    13  moonforge eval (x4)                  CMMLU and C-Eval layouts: pretrained checkpoint, fine-tuned
+                                             checkpoints (idxmap, raw) and the export
+    14  summary.md, summary.json and loss_curves.png
+
+Training is one process in fp32, so runs are deterministic and fast on a laptop CPU.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import shlex
+import shutil
+import sys
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
-import torch
 
 logger = logging.getLogger(__name__)
 
+MARKER = ".moonforge-demo"
+TASKS = "cmmlu,ceval-valid"
+# What the seed (Pai-Megatron-Patch's Moonlight best practice) runs for each step, by step kind.
+SEED_COMMANDS = {
+    "tokenizer": "(none: Moonlight-16B-A3B-Instruct ships tiktoken.model and tokenizer_config.json)",
+    "download": "wget .../Moonlight-16B-A3B-Instruct.tar && tar -xvf Moonlight-16B-A3B-Instruct.tar",
+    "hf2mcore": "bash hf2mcore_moonlight_convertor.sh A3B HF_DIR MCORE_DIR 1 1 1 8 bf16 false",
+    "verify": "(none: the seed has no logit comparison)",
+    "data-pretrain": "bash run_make_pretraining_dataset_megatron.sh SlimPajama.json DeepSeekV2Tokenizer text "
+                     "DATA_DIR HF_DIR",
+    "data-sft": "bash run_build_idxmap_sft_dataset.sh alpaca_zh-train-general.json DeepSeekV2Tokenizer 1024 "
+                "SFT_PREFIX HF_DIR true",
+    "pretrain": "bash run_mcore_moonlight.sh dsw A3B 1 8 1e-5 1e-6 1024 1024 bf16 1 1 1 1 8 true true false false "
+                "none false 100000 DATA_PREFIX DATA_PREFIX MCORE_DIR 1000000000 10000 OUT_PRETRAIN",
+    "sft": "bash run_mcore_moonlight.sh dsw A3B 1 8 1e-5 1e-6 1024 1024 bf16 1 1 1 1 8 true true false true "
+           "none false 100000 SFT_PREFIX SFT_PREFIX MCORE_DIR 10000 100 OUT_SFT",
+    "sft-raw": "MP_DATASET_TYPE=raw bash run_mcore_moonlight.sh dsw A3B 1 8 1e-5 1e-6 1024 1024 bf16 1 1 1 1 8 "
+               "true true false true none false 100000 alpaca_zh-train.json alpaca_zh-train.json MCORE_DIR 10000 "
+               "100 OUT_SFT",
+    "mcore2hf": "bash hf2mcore_moonlight_convertor.sh A3B MCORE_DIR HF_OUT 1 1 1 8 bf16 true HF_DIR",
+    "eval": "accelerate launch -m lm_eval --model hf --model_args pretrained=HF_OUT,trust_remote_code=True "
+            "--tasks cmmlu,ceval-valid --batch_size 16",
+}
+
+
+class DemoError(RuntimeError):
+    """A demo step failed; the message names the step and its command."""
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    """Sizes and steps of one demo run (the full demo, or the shortened ``--quick`` one)."""
+
+    facts_per_topic: int
+    vocab_size: int = 1024  # BPE ranks + 256 special ids
+    hidden_size: int = 128
+    pretrain_iters: int = 200
+    pretrain_seq_len: int = 128
+    pretrain_batch: int = 16
+    pretrain_lr: float = 2e-3
+    sft_iters: int = 250
+    sft_seq_len: int = 256  # rows of the packed SFT idxmap: about 3 samples each
+    sft_batch: int = 8
+    raw_iters: int = 250
+    raw_pad_len: int = 96
+    raw_batch: int = 16
+    sft_lr: float = 2e-3
+    seed: int = 1234
+
+
+FULL_PLAN = DemoPlan(facts_per_topic=32)
+# Half the facts, and just enough fine-tuning to be clearly above chance; the raw-JSON run only shows its loss
+# falling.
+QUICK_PLAN = DemoPlan(facts_per_topic=16, pretrain_iters=80, sft_iters=100, raw_iters=60)
+
+
+@dataclass
+class StepRecord:
+    number: int
+    title: str
+    command: str
+    seconds: float = 0.0
+    result: str = ""
+    output: str = ""
+    seed: str = ""
+
+
+@dataclass
+class DemoSummary:
+    workdir: str
+    quick: bool
+    steps: list[StepRecord] = field(default_factory=list)
+    losses: dict[str, dict] = field(default_factory=dict)
+    verify: dict[str, dict] = field(default_factory=dict)
+    accuracy: dict[str, dict] = field(default_factory=dict)
+    data: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("demo", help="run the whole workflow on a tiny model (CPU, a few minutes)")
-    parser.add_argument("--workdir", default="demo-work", help="where every file of the demo goes")
+    parser = sub.add_parser("demo", help="run the whole workflow on a tiny model (CPU, a few minutes)",
+                            description="Build a tokenizer and a tiny Moonlight-architecture model, convert it, "
+                                        "preprocess data, continue pretraining, fine-tune (idxmap and raw JSON), "
+                                        "export, verify and evaluate, all with the moonforge commands.")
+    parser.add_argument("--workdir", default="demo-work",
+                        help="where every file of the demo goes (default demo-work); a previous demo's files "
+                             "there are replaced")
+    parser.add_argument("--quick", action="store_true", help="a shortened demo (about half the time)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for PyTorch (default: all usable cores when OMP_WAIT_POLICY=PASSIVE is "
+                             "set, else 1; see docs/demo.md)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from moonforge.config import preset
-    from moonforge.model import build_model, cross_entropy_sum
-    from moonforge.tokenizer import load_tokenizer, train_moonlight_tokenizer
+    import torch
 
-    work = Path(args.workdir)
-    work.mkdir(parents=True, exist_ok=True)
-    start = time.time()
-    corpus = work / "corpus.txt"
-    corpus.write_text(_demo_text(), encoding="utf-8")
-    tok_dir = train_moonlight_tokenizer([corpus], work / "tokenizer", vocab_size=preset("tiny").vocab_size)
-    tokenizer = load_tokenizer(tok_dir)
-    logger.info("step 1: tokenizer in Moonlight's format at %s (%d BPE tokens)", tok_dir, tokenizer.n_bpe)
-    model = build_model(preset("tiny"), seed=0)
-    ids = torch.tensor([tokenizer.encode(corpus.read_text(encoding="utf-8"))[:257]])
-    with torch.no_grad():
-        loss = cross_entropy_sum(model(ids[:, :-1]), ids[:, 1:]) / (ids.shape[1] - 1)
-    logger.info("step 2: tiny Moonlight-architecture model, initial loss %.3f", loss.item())
-    logger.info("demo finished in %.1f s; files in %s", time.time() - start, work)
+    threads = args.threads if args.threads is not None else default_threads()
+    if threads < 1:
+        print(f"error: --threads must be at least 1, got {threads}", file=sys.stderr)
+        return 2
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    logger.info("PyTorch uses %d CPU thread(s)", threads)
+    try:
+        summary = Demo(Path(args.workdir), QUICK_PLAN if args.quick else FULL_PLAN, quick=args.quick).run()
+    except DemoError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        torch.set_num_threads(previous)
+    print(format_summary(summary))
     return 0
 
 
-def _demo_text() -> str:
-    colors = ["red", "green", "blue", "yellow", "black", "white"]
-    things = ["apple", "leaf", "sky", "sun", "night", "snow"]
-    return "\n".join(f"The {t} is {c}." for c, t in zip(colors, things)) * 50
+def default_threads() -> int:
+    """One thread, unless OpenMP's threads sleep when idle (OMP_WAIT_POLICY=PASSIVE): PyTorch's OpenMP threads
+    spin while they wait for each other, and a tiny model runs thousands of short parallel regions per step, so
+    as soon as another process takes a core, the spinning makes training 20x slower (measured on 2 cores:
+    0.16 s per step alone, 5.3 s with one busy core; 0.23 s on one thread; 0.25 s on two with PASSIVE)."""
+    import os
+
+    if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return 1
+
+
+class Demo:
+    def __init__(self, workdir: Path, plan: DemoPlan, quick: bool = False):
+        self.work = Path(workdir)
+        self.plan = plan
+        self.summary = DemoSummary(workdir=str(self.work), quick=quick)
+        self._step = 0
+
+    # ------------------------------------------------------------------ paths
+    def path(self, *parts: str) -> Path:
+        return self.work.joinpath(*parts)
+
+    def run(self) -> DemoSummary:
+        start = time.perf_counter()
+        self._prepare_workdir()
+        self.generate_data()
+        self.make_tokenizer()
+        self.create_base_model()
+        record = self.cli("convert HF -> moonforge checkpoint", ["convert", "hf-to-native", "--hf",
+                                                                self.path("hf", "base"), "--out", self.path("ckpt", "base")],
+                          output=self.path("ckpt", "base"), seed="hf2mcore")
+        record.result = describe_files(self.path("ckpt", "base"))
+        self.verify("base", self.path("hf", "base"), self.path("ckpt", "base"))
+        self.make_idxmaps()
+        self.train("pretrain", "continued pretraining (idxmap)", self.pretrain_config(), "pretrain")
+        self.train("sft-idxmap", "SFT from the SFT idxmap", self.sft_config("idxmap"), "sft")
+        self.train("sft-raw", "SFT from raw JSON", self.sft_config("raw"), "sft-raw")
+        sft_ckpt = self.path("runs", "sft-idxmap", "checkpoint")
+        record = self.cli("export the SFT checkpoint to HF", ["convert", "native-to-hf", "--ckpt", sft_ckpt,
+                                                             "--out", self.path("hf", "sft")],
+                          output=self.path("hf", "sft"), seed="mcore2hf")
+        record.result = describe_files(self.path("hf", "sft"))
+        self.verify("sft", self.path("hf", "sft"), sft_ckpt)
+        self.evaluate("pretrain", "evaluate the pretrained checkpoint", self.path("runs", "pretrain", "checkpoint"))
+        self.evaluate("sft-idxmap", "evaluate the SFT checkpoint", sft_ckpt)
+        self.evaluate("sft-export", "evaluate the SFT export (HF)", self.path("hf", "sft"))
+        self.evaluate("sft-raw", "evaluate the raw-JSON SFT checkpoint", self.path("runs", "sft-raw", "checkpoint"))
+        self.finish(time.perf_counter() - start)
+        return self.summary
+
+    def _prepare_workdir(self) -> None:
+        work = self.work
+        if work.exists() and (not work.is_dir() or any(work.iterdir())):
+            if not (work / MARKER).is_file():
+                raise DemoError(f"--workdir {work}: exists and holds files that are not a previous demo's; choose "
+                                "an empty or new directory")
+            logger.info("removing the previous demo in %s", work)
+            shutil.rmtree(work)
+        work.mkdir(parents=True, exist_ok=True)
+        (work / MARKER).write_text("files written by `moonforge demo`; the next demo run replaces them\n")
+
+    # ------------------------------------------------------------------ steps
+    def begin(self, title: str, command: str, seed: str = "") -> StepRecord:
+        self._step += 1
+        record = StepRecord(self._step, title, command, seed=SEED_COMMANDS.get(seed, ""))
+        self.summary.steps.append(record)
+        logger.info("=== step %d: %s", self._step, title)
+        logger.info("$ %s", command)
+        return record
+
+    def cli(self, title: str, argv: list, output: Path | str = "", seed: str = "") -> StepRecord:
+        """Run ``moonforge ARGV`` in this process; a non-zero exit status stops the demo. ``seed`` names the
+        seed's equivalent command (a key of SEED_COMMANDS)."""
+        from moonforge.cli import main
+
+        argv = [str(a) for a in argv]
+        record = self.begin(title, shlex.join(["moonforge", *argv]), seed)
+        start = time.perf_counter()
+        status = main(argv)
+        record.seconds = time.perf_counter() - start
+        record.output = str(output)
+        if status != 0:
+            raise DemoError(f"step {record.number} ({title}) failed with exit status {status}: {record.command}")
+        return record
+
+    def generate_data(self) -> None:
+        from moonforge.demo_data import DemoSize, generate
+
+        record = self.begin("generate the demo's data", "python -m moonforge.demo_data (inside moonforge demo)")
+        start = time.perf_counter()
+        data = generate(self.path("data"), DemoSize(facts=self.plan.facts_per_topic), seed=self.plan.seed,
+                        descriptions=lm_eval_descriptions())
+        self.summary.data = data.summary()
+        record.seconds = time.perf_counter() - start
+        record.result = (f"{data.corpus_documents} corpus documents, {len(data.practice)} instruction samples, "
+                         f"{len(data.exam)} exam questions in {len(data.topics)} subjects")
+        record.output = str(self.path("data"))
+
+    def make_tokenizer(self) -> None:
+        from moonforge.tokenizer import load_tokenizer
+
+        record = self.cli("tokenizer in Moonlight's format",
+                          ["tokenizer", "train", "--input", self.path("data", "lexicon.txt"),
+                           "--out", self.path("tokenizer"), "--vocab-size", self.plan.vocab_size],
+                          output=self.path("tokenizer"), seed="tokenizer")
+        tokenizer = load_tokenizer(self.path("tokenizer"))
+        record.result = f"{tokenizer.n_bpe} BPE tokens + 256 special ids (tiktoken.model, tokenizer_config.json)"
+
+    def make_idxmaps(self) -> None:
+        summary = self.path("idxmap", "demo.summary.json")
+        record = self.cli("pretraining data -> idxmap",
+                          ["data", "pretrain", "--input", self.path("data", "corpus.jsonl"),
+                           "--tokenizer", self.path("ckpt", "base"), "--json-keys", "text",
+                           "--output-prefix", self.path("idxmap", "demo"), "--append-eod", "--workers", 0,
+                           "--summary-json", summary, "--no-progress"],
+                          output=self.path("idxmap", "demo_text_document.{bin,idx}"), seed="data-pretrain")
+        stats = json.loads(summary.read_text())
+        record.result = f"{stats['documents']} documents, {stats['tokens']} tokens ({stats['dtype']})"
+        summary = self.path("idxmap", "demo_sft.summary.json")
+        record = self.cli("SFT data -> SFT idxmap (packed)",
+                          ["data", "sft", "--input", self.path("data", "sft.json"),
+                           "--tokenizer", self.path("ckpt", "base"), "--seq-len", self.plan.sft_seq_len,
+                           "--output-prefix", self.path("idxmap", "demo_sft"), "--packing", "--workers", 0,
+                           "--summary-json", summary, "--no-progress"],
+                          output=self.path("idxmap", "demo_sft_text_document.*"), seed="data-sft")
+        stats = json.loads(summary.read_text())
+        record.result = (f"{stats['samples']} samples packed into {stats['rows']} rows of {stats['seq_len']} tokens "
+                         f"({stats['row_fill']:.0%} filled), {stats['target_tokens']} loss tokens")
+
+    def create_base_model(self) -> None:
+        """A random tiny model in Moonlight's architecture, written the way every HF directory here is: as a
+        moonforge checkpoint, exported by ``moonforge convert native-to-hf``."""
+        import torch
+
+        from moonforge.checkpoint.native import CheckpointManager, write_checkpoint_skeleton
+        from moonforge.model import build_model
+        from moonforge.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(self.path("tokenizer"))
+        config = demo_model_config(tokenizer, self.plan.hidden_size)
+        model = build_model(config, seed=self.plan.seed)
+        staging = self.path("ckpt", "random-init")
+        write_checkpoint_skeleton(staging, config, self.path("tokenizer"))
+        CheckpointManager(staging).save(0, {"model": model}, {"note": "random initialisation for the demo"})
+        counts = config.param_counts()
+        record = self.cli("a tiny random 'pretrained' model as an HF directory",
+                          ["convert", "native-to-hf", "--ckpt", staging, "--out", self.path("hf", "base")],
+                          output=self.path("hf", "base"), seed="download")
+        record.result = (f"{counts['total'] / 1e6:.2f} M parameters ({counts['active_non_embedding'] / 1e6:.2f} M "
+                         f"active non-embedding), {config.num_hidden_layers} layers, {config.n_routed_experts} "
+                         f"experts (top-{config.num_experts_per_tok}), vocab {config.vocab_size}")
+        del model
+        torch.manual_seed(self.plan.seed)
+
+    def verify(self, name: str, hf_dir: Path, ckpt: Path) -> None:
+        out = self.path("verify", f"{name}.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        record = self.cli(f"verify {hf_dir.name} against {ckpt}", ["verify", "--hf", hf_dir, "--ckpt", ckpt,
+                                                                  "--json", out], output=out, seed="verify")
+        result = json.loads(out.read_text())
+        self.summary.verify[name] = result
+        record.result = (f"max |logit diff| {result['max_abs_diff']:.2e}, top-1 agreement "
+                         f"{result['top1_agreement']:.0%} over {result['tokens']} tokens")
+
+    def train(self, name: str, title: str, config: dict, seed: str) -> None:
+        import yaml
+
+        from moonforge.train.metrics import read_metrics
+
+        path = self.path("configs", f"{name}.yaml")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        run_dir = Path(config["output_dir"])
+        record = self.cli(title, ["train", path, "--nproc", 1], output=run_dir, seed=seed)
+        records = read_metrics(run_dir / "metrics.jsonl")
+        train = [r["loss"] for r in records if r.get("split", "train") == "train"]
+        valid = [r["loss"] for r in records if r.get("split") == "valid"]
+        window = max(1, min(5, len(train) // 4))
+        losses = {"first": train[0], "last": train[-1], "first_mean": sum(train[:window]) / window,
+                  "last_mean": sum(train[-window:]) / window, "iterations": len(train),
+                  "valid": valid, "metrics": str(run_dir / "metrics.jsonl")}
+        self.summary.losses[name] = losses
+        record.result = (f"loss {losses['first_mean']:.3f} -> {losses['last_mean']:.3f} (mean of first/last "
+                         f"{window} of {len(train)} iterations)")
+        if valid:
+            record.result += f"; validation {valid[0]:.3f} -> {valid[-1]:.3f}"
+
+    def pretrain_config(self) -> dict:
+        p = self.plan
+        return {
+            "init_from": str(self.path("ckpt", "base")),
+            "output_dir": str(self.path("runs", "pretrain")),
+            "seq_len": p.pretrain_seq_len, "micro_batch_size": p.pretrain_batch,
+            "global_batch_size": p.pretrain_batch, "train_iters": p.pretrain_iters,
+            "warmup_iters": p.pretrain_iters // 20, "lr": p.pretrain_lr, "min_lr": p.pretrain_lr / 10,
+            "precision": "fp32", "log_interval": 20, "eval_interval": p.pretrain_iters // 4, "eval_iters": 2,
+            "seed": p.seed, "data": {"type": "idxmap", "train": [str(self.path("idxmap", "demo_text_document"))],
+                                     "split": "95,5,0"},
+        }
+
+    def sft_config(self, kind: str) -> dict:
+        p = self.plan
+        common = {"init_from": str(self.path("runs", "pretrain", "checkpoint")), "sft": True, "lr": p.sft_lr,
+                  "min_lr": p.sft_lr / 10, "precision": "fp32", "log_interval": 20, "seed": p.seed}
+        if kind == "idxmap":
+            return {**common, "output_dir": str(self.path("runs", "sft-idxmap")), "seq_len": p.sft_seq_len,
+                    "micro_batch_size": p.sft_batch, "global_batch_size": p.sft_batch, "train_iters": p.sft_iters,
+                    "warmup_iters": p.sft_iters // 20,
+                    "data": {"type": "idxmap", "train": [str(self.path("idxmap", "demo_sft_text_document"))],
+                             "split": "100,0,0"}}
+        return {**common, "output_dir": str(self.path("runs", "sft-raw")), "seq_len": p.raw_pad_len,
+                "pad_len": p.raw_pad_len, "micro_batch_size": p.raw_batch, "global_batch_size": p.raw_batch,
+                "train_iters": p.raw_iters, "warmup_iters": p.raw_iters // 20,
+                "data": {"type": "raw", "train": [str(self.path("data", "sft.json"))]}}
+
+    def evaluate(self, name: str, title: str, model: Path) -> None:
+        out = self.path("eval", f"{name}.json")
+        record = self.cli(title, ["eval", "--model", model, "--tasks", TASKS, "--data-dir", self.path("data", "eval"),
+                                  "--apply-chat-template", "--batch-size", 32, "--output", out], output=out,
+                          seed="eval")
+        accuracy = read_accuracy(out)
+        self.summary.accuracy[name] = accuracy
+        record.result = (f"accuracy {accuracy['overall']:.1%} over {accuracy['questions']} questions "
+                         f"(cmmlu {accuracy['cmmlu']:.1%}, ceval-valid {accuracy['ceval-valid']:.1%}; chance 25%)")
+
+    def finish(self, seconds: float) -> None:
+        record = self.begin("summary and loss curves", "(inside moonforge demo)")
+        plot = plot_losses({name: Path(l["metrics"]) for name, l in self.summary.losses.items()},
+                           self.path("loss_curves.png"))
+        self.summary.seconds = seconds
+        record.output = f"{self.path('summary.md')}, {self.path('summary.json')}, {plot}"
+        record.result = "per-run plots: runs/*/training.png; TensorBoard: runs/*/tensorboard"
+        from moonforge.utils import atomic_write_text
+
+        atomic_write_text(self.path("summary.json"), json.dumps(self.summary.to_dict(), indent=2,
+                                                                ensure_ascii=False) + "\n")
+        atomic_write_text(self.path("summary.md"), format_summary(self.summary))
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def describe_files(path: Path) -> str:
+    files = [p for p in Path(path).rglob("*") if p.is_file()]
+    return f"{len(files)} files, {sum(p.stat().st_size for p in files) / 1e6:.1f} MB"
+
+
+def demo_model_config(tokenizer, hidden_size: int = 128):
+    """The tiny preset's structure (Moonlight's: MLA, one dense layer, then MoE with shared experts and a sigmoid
+    router), a little wider, with the vocabulary and special ids of the demo's tokenizer."""
+    from moonforge.config import preset
+
+    return preset("tiny").replace(
+        vocab_size=tokenizer.n_bpe + 256, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        moe_intermediate_size=hidden_size // 2, kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16,
+        v_head_dim=32, max_position_embeddings=512, bos_token_id=tokenizer.bos_id,
+        eos_token_id=tokenizer.token_to_id("<|im_end|>"), pad_token_id=tokenizer.pad_id)
+
+
+def lm_eval_descriptions() -> dict[str, str]:
+    """lm-eval's instruction line for every CMMLU and C-Eval subject, by task name (empty without lm-eval)."""
+    try:
+        from moonforge.eval.tasks import lm_eval_tasks_dir
+        tasks_dir = lm_eval_tasks_dir()
+    except ImportError:
+        return {}
+    import yaml
+
+    out = {}
+    for folder in ("cmmlu", "ceval"):
+        for path in sorted((tasks_dir / folder).glob("*.yaml")):
+            try:
+                doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+            except yaml.YAMLError:
+                continue
+            if isinstance(doc, dict) and isinstance(doc.get("task"), str) and isinstance(doc.get("description"), str):
+                out[doc["task"]] = doc["description"]
+    return out
+
+
+def read_accuracy(path: Path) -> dict:
+    """Group accuracies and the overall accuracy (weighted by questions) from an lm-eval results file."""
+    results = json.loads(Path(path).read_text())
+    groups = {}
+    total = correct = 0.0
+    for group in TASKS.split(","):
+        groups[group] = results["results"][group]["acc,none"]
+        for task in results["group_subtasks"][group]:
+            n = results["n-samples"][task]["effective"]
+            total += n
+            correct += n * results["results"][task]["acc,none"]
+    per_subject = {task: r["acc,none"] for task, r in results["results"].items() if task not in groups}
+    return {**groups, "overall": correct / total, "questions": int(total), "subjects": per_subject,
+            "file": str(path)}
+
+
+def plot_losses(runs: dict[str, Path], out: Path) -> Path:
+    """One figure with the training (and validation) loss of every run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from moonforge.train.metrics import read_metrics
+
+    fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 3.8), squeeze=False)
+    for ax, (name, path) in zip(axes[0], runs.items()):
+        records = read_metrics(path)
+        train = [r for r in records if r.get("split", "train") == "train"]
+        valid = [r for r in records if r.get("split") == "valid"]
+        ax.plot([r["iteration"] for r in train], [r["loss"] for r in train], label="train")
+        if valid:
+            ax.plot([r["iteration"] for r in valid], [r["loss"] for r in valid], "o-", label="validation")
+        ax.set_title(name)
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("loss")
+        ax.set_yscale("log")
+        ax.legend()
+    fig.tight_layout()
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(out)
+    return out
+
+
+def format_summary(summary: DemoSummary) -> str:
+    lines = [f"# moonforge demo{' (quick)' if summary.quick else ''}: {summary.seconds:.0f} s, files in "
+             f"{summary.workdir}", "", "| step | what | seconds | result | files |", "|---:|---|---:|---|---|"]
+    for s in summary.steps:
+        lines.append(f"| {s.number} | {s.title} | {s.seconds:.1f} | {s.result} | {s.output} |")
+    lines += ["", "## Commands (and the seed's equivalent)", "", "```"]
+    for s in summary.steps:
+        lines.append(f"{s.number:>2}. {s.command}")
+        if s.seed:
+            lines.append(f"    seed: {s.seed}")
+    lines.append("```")
+    if summary.accuracy:
+        lines += ["", "## Accuracy on the demo's exams (0-shot, chat template; chance 25%)", "",
+                  "| model | cmmlu | ceval-valid | overall |", "|---|---:|---:|---:|"]
+        for name, a in summary.accuracy.items():
+            lines.append(f"| {name} | {a['cmmlu']:.1%} | {a['ceval-valid']:.1%} | {a['overall']:.1%} |")
+    return "\n".join(lines) + "\n"
