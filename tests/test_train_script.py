@@ -296,9 +296,9 @@ CPU_ENV = {"MOONFORGE_MODEL": "tiny", "MOONFORGE_PRECISION": "fp32", "MOONFORGE_
 @pytest.mark.parametrize("name", ["pretrain", "sft", "sft_raw"])
 def test_seed_training_lines_run_on_the_tiny_model(tiny_paths, name):
     env, args = seed_args(name, tiny_paths)
-    iterations = 2
+    iterations = 3  # SFT decays over train - warmup iterations, which must exceed the one warmup iteration
     if name == "pretrain":
-        args[24] = str(iterations * 8 * 1024)     # TRAIN_TOKENS: 2 iterations of GBS 8 x seq 1024
+        args[24] = str(iterations * 8 * 1024)     # TRAIN_TOKENS: 3 iterations of GBS 8 x seq 1024
     else:
         args[24] = str(iterations)                # TRAIN_ITERS
         args[25] = "1"                            # WARMUP_ITERS
