@@ -102,7 +102,10 @@ def parallelize(model: Transformer, meshes: Meshes, *, param_dtype: torch.dtype 
             compile_kernels()
         if use_fsdp:
             n_blocks = len(part.model.layers)
-            offload_blocks = round(offload_fraction * n_blocks)
+            offload_blocks = round(offload_fraction * n_blocks) if meshes.device.type == "cuda" else 0
+            if offload_fraction and not offload_blocks:
+                logger.warning("optimizer_offload=%s has nothing to do here (parameters already live in host "
+                               "memory or no whole block is selected)", offload_fraction)
             pm.fsdp_modules += apply_fsdp(part, meshes, param_dtype=param_dtype, reduce_dtype=reduce_dtype,
                                           replicate=replicate, reshard_after_forward=reshard_after_forward,
                                           ignored_params=set(pm.expert_params), offload_blocks=offload_blocks)

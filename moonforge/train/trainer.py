@@ -65,7 +65,7 @@ class Trainer:
         self.output_dir = Path(cfg.output_dir)
         # One GPU and mixed precision: flat buffers and a fused optimizer instead of single-rank FSDP.
         self.flat = (self.world == 1 and self.device.type == "cuda" and cfg.precision in ("bf16", "fp16")
-                     and cfg.optimizer == "adamw")
+                     and cfg.optimizer == "adamw" and not cfg.optimizer_offload)
         self.pm = self._build_model()
         if cfg.init_from and not self._resumable():
             self._load_init_weights()
