@@ -60,6 +60,7 @@ LAYOUTS = {
     "pp2_x_dp2": (4, {"parallel": {"pp": 2, "pp0_layers": 1}}),
     "ep2_x_etp2": (4, {"parallel": {"ep": 2, "etp": 2}}),
 }
+MUON = {"optimizer": "muon", "muon": {"ns_dtype": "fp32"}}
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
@@ -71,6 +72,17 @@ def test_layout_matches_single_process(workdir, reference, name):
             rel = abs(a[key] - b[key]) / abs(a[key])
             print(f"{name} step {step} {key}: {b[key]:.8f} vs {a[key]:.8f} (rel {rel:.1e})")
             assert rel < 1e-5, (name, step, key, a[key], b[key])
+
+
+@pytest.mark.parametrize("name", ["fsdp2", "ep2"])
+def test_muon_layout_matches_single_process(workdir, name):
+    """The trainer with Muon (fp32 Newton-Schulz): sharded layouts give the single-process steps."""
+    reference = run_layout(workdir, 1, MUON, "muon_single")
+    nproc, overrides = LAYOUTS[name]
+    got = run_layout(workdir, nproc, {**overrides, **MUON}, f"muon_{name}")
+    for step, (a, b) in enumerate(zip(reference, got), 1):
+        for key in ("loss", "grad_norm"):
+            assert abs(a[key] - b[key]) / abs(a[key]) < 1e-5, (name, step, key, a[key], b[key])
 
 
 def test_micro_batching_does_not_change_the_update(workdir):

@@ -55,6 +55,7 @@ class MuonConfig:
     ns_steps: int = 5
     router_optimizer: str = "muon"         # muon | adamw
     distributed_mode: str = "spread"       # spread | replicated
+    ns_dtype: str = "bf16"                 # Newton-Schulz precision: bf16 (the paper) | fp32
 
 
 @dataclass
@@ -164,6 +165,7 @@ class TrainConfig:
         _choice(self.parallel.data_parallel, ("fsdp", "replicate"), "parallel.data_parallel", fail)
         _choice(self.optimizer_state_dtype, ("fp32", "bf16"), "optimizer_state_dtype", fail)
         _choice(self.muon.router_optimizer, OPTIMIZERS, "muon.router_optimizer", fail)
+        _choice(self.muon.ns_dtype, ("bf16", "fp32"), "muon.ns_dtype", fail)
         for key in ("seq_len", "micro_batch_size", "global_batch_size", "log_interval", "eval_iters"):
             if getattr(self, key) < 1:
                 fail(key, f"must be >= 1, got {getattr(self, key)}")

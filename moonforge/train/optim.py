@@ -27,6 +27,7 @@ def build_optimizer(cfg: TrainConfig, named_params: list[tuple[str, nn.Parameter
                                    adamw_betas=(cfg.adam_beta1, cfg.adam_beta2), adamw_eps=cfg.adam_eps)
         return Muon(groups, lr=cfg.lr, momentum=cfg.muon.momentum, nesterov=cfg.muon.nesterov,
                     ns_steps=cfg.muon.ns_steps, weight_decay=cfg.weight_decay,
+                    ns_dtype=torch.bfloat16 if cfg.muon.ns_dtype == "bf16" else torch.float32,
                     adamw_betas=(cfg.adam_beta1, cfg.adam_beta2), adamw_eps=cfg.adam_eps,
                     distributed_mode=cfg.muon.distributed_mode)
     groups: dict[tuple, dict] = {}
