@@ -127,7 +127,7 @@ def materialize(pm: ParallelModel, device: torch.device, init_seed: int | None =
         part.reset_buffers()
         if init_seed is None:
             continue
-        if not dist.is_initialized() or dist.get_world_size() == 1:
+        if not any(isinstance(p, DTensor) for p in part.parameters()):  # plain tensors: draw them in place
             part.init_weights(init_seed)
             continue
         options = StateDictOptions(full_state_dict=True, strict=False)
