@@ -132,7 +132,8 @@ def materialize(pm: ParallelModel, device: torch.device, init_seed: int | None =
             continue
         options = StateDictOptions(full_state_dict=True, strict=False)
         for name, tensor in part.state_dict().items():
-            full = initial_tensor(part, name, tensor.shape, tensor.dtype, device, init_seed)
+            home = (tensor.to_local() if isinstance(tensor, DTensor) else tensor).device  # CPU when offloaded
+            full = initial_tensor(part, name, tensor.shape, tensor.dtype, home, init_seed)
             set_model_state_dict(part, {name: full}, options=options)
         part.reset_buffers()
 
