@@ -124,6 +124,8 @@ def materialize(pm: ParallelModel, device: torch.device, init_seed: int | None =
 
     for part in pm.parts:
         part.to_empty(device=device)
+        for block in getattr(part, "offloaded_blocks", []):  # FSDP keeps these parameters in host memory
+            block.to_empty(device="cpu")
         part.reset_buffers()
         if init_seed is None:
             continue

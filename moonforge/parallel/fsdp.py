@@ -31,6 +31,7 @@ def apply_fsdp(part: Transformer, meshes: Meshes, *, param_dtype: torch.dtype, r
     dense_mesh = meshes.dp_cp_replicate if replicate else meshes.dp_cp
     stage_mesh = meshes.stage_replicate if replicate else meshes.stage
     wrapped = []
+    part.offloaded_blocks = list(part.model.layers.values())[:offload_blocks]
     for i, block in enumerate(part.model.layers.values()):
         offload: OffloadPolicy = CPUOffloadPolicy() if i < offload_blocks else OffloadPolicy()
         if isinstance(block.mlp, MoE):
