@@ -15,9 +15,9 @@ exercises the toolkit end to end, and its summary lists each command with its re
     10  moonforge train (SFT, raw JSON)      the same from the JSON file (the seed's MP_DATASET_TYPE=raw)
     11  moonforge convert native-to-hf       export of the fine-tuned checkpoint (the seed's mcore2hf)
     12  moonforge verify                     the export against the checkpoint
-    13  moonforge eval (x4)                  CMMLU and C-Eval layouts: pretrained checkpoint, fine-tuned
+    13-16  moonforge eval                 CMMLU and C-Eval layouts: the pretrained checkpoint, the fine-tuned
                                              checkpoints (idxmap, raw) and the export
-    14  summary.md, summary.json and loss_curves.png
+    17  summary.md, summary.json and loss_curves.png
 
 Training is one process in fp32, so runs are deterministic and fast on a laptop CPU.
 """
@@ -33,6 +33,8 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from moonforge.demo_data import FULL, QUICK, DemoSize
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +71,7 @@ class DemoError(RuntimeError):
 class DemoPlan:
     """Sizes and steps of one demo run (the full demo, or the shortened ``--quick`` one)."""
 
-    facts_per_topic: int
+    data: DemoSize
     vocab_size: int = 1024  # BPE ranks + 256 special ids
     hidden_size: int = 128
     pretrain_iters: int = 200
@@ -86,10 +88,10 @@ class DemoPlan:
     seed: int = 1234
 
 
-FULL_PLAN = DemoPlan(facts_per_topic=32)
+FULL_PLAN = DemoPlan(data=FULL)
 # Half the facts, and just enough fine-tuning to be clearly above chance; the raw-JSON run only shows its loss
 # falling.
-QUICK_PLAN = DemoPlan(facts_per_topic=16, pretrain_iters=80, sft_iters=100, raw_iters=60)
+QUICK_PLAN = DemoPlan(data=QUICK, pretrain_iters=80, sft_iters=100, raw_iters=60)
 
 
 @dataclass
@@ -167,45 +169,42 @@ def default_threads() -> int:
 
 
 class Demo:
+    """One demo run in ``workdir``: ``run()`` performs every step and returns the summary."""
+
     def __init__(self, workdir: Path, plan: DemoPlan, quick: bool = False):
         self.work = Path(workdir)
         self.plan = plan
         self.summary = DemoSummary(workdir=str(self.work), quick=quick)
-        self._step = 0
 
-    # ------------------------------------------------------------------ paths
     def path(self, *parts: str) -> Path:
         return self.work.joinpath(*parts)
 
     def run(self) -> DemoSummary:
         start = time.perf_counter()
-        self._prepare_workdir()
+        self.prepare_workdir()
         self.generate_data()
         self.make_tokenizer()
         self.create_base_model()
-        record = self.cli("convert HF -> moonforge checkpoint", ["convert", "hf-to-native", "--hf",
-                                                                self.path("hf", "base"), "--out", self.path("ckpt", "base")],
-                          output=self.path("ckpt", "base"), seed="hf2mcore")
-        record.result = describe_files(self.path("ckpt", "base"))
+        self.convert("convert the HF model to a moonforge checkpoint", "hf-to-native", self.path("hf", "base"),
+                     self.path("ckpt", "base"), "hf2mcore")
         self.verify("base", self.path("hf", "base"), self.path("ckpt", "base"))
         self.make_idxmaps()
-        self.train("pretrain", "continued pretraining (idxmap)", self.pretrain_config(), "pretrain")
+        self.train("pretrain", "continued pretraining from the idxmap", self.pretrain_config(), "pretrain")
         self.train("sft-idxmap", "SFT from the SFT idxmap", self.sft_config("idxmap"), "sft")
-        self.train("sft-raw", "SFT from raw JSON", self.sft_config("raw"), "sft-raw")
-        sft_ckpt = self.path("runs", "sft-idxmap", "checkpoint")
-        record = self.cli("export the SFT checkpoint to HF", ["convert", "native-to-hf", "--ckpt", sft_ckpt,
-                                                             "--out", self.path("hf", "sft")],
-                          output=self.path("hf", "sft"), seed="mcore2hf")
-        record.result = describe_files(self.path("hf", "sft"))
-        self.verify("sft", self.path("hf", "sft"), sft_ckpt)
-        self.evaluate("pretrain", "evaluate the pretrained checkpoint", self.path("runs", "pretrain", "checkpoint"))
-        self.evaluate("sft-idxmap", "evaluate the SFT checkpoint", sft_ckpt)
-        self.evaluate("sft-export", "evaluate the SFT export (HF)", self.path("hf", "sft"))
-        self.evaluate("sft-raw", "evaluate the raw-JSON SFT checkpoint", self.path("runs", "sft-raw", "checkpoint"))
+        self.train("sft-raw", "SFT from the raw JSON file", self.sft_config("raw"), "sft-raw")
+        sft = self.path("runs", "sft-idxmap", "checkpoint")
+        self.convert("export the SFT checkpoint to HF", "native-to-hf", sft, self.path("hf", "sft"), "mcore2hf")
+        self.verify("sft", self.path("hf", "sft"), sft)
+        self.evaluate("pretrain", "the pretrained checkpoint", self.path("runs", "pretrain", "checkpoint"))
+        self.evaluate("sft-idxmap", "the SFT (idxmap) checkpoint", sft)
+        self.evaluate("sft-export", "the SFT export (HF directory)", self.path("hf", "sft"))
+        self.evaluate("sft-raw", "the SFT (raw JSON) checkpoint", self.path("runs", "sft-raw", "checkpoint"))
         self.finish(time.perf_counter() - start)
         return self.summary
 
-    def _prepare_workdir(self) -> None:
+    def prepare_workdir(self) -> None:
+        from moonforge.utils import atomic_write_text
+
         work = self.work
         if work.exists() and (not work.is_dir() or any(work.iterdir())):
             if not (work / MARKER).is_file():
@@ -213,19 +212,17 @@ class Demo:
                                 "an empty or new directory")
             logger.info("removing the previous demo in %s", work)
             shutil.rmtree(work)
-        work.mkdir(parents=True, exist_ok=True)
-        (work / MARKER).write_text("files written by `moonforge demo`; the next demo run replaces them\n")
+        atomic_write_text(work / MARKER, "files written by `moonforge demo`; the next demo run replaces them\n")
 
-    # ------------------------------------------------------------------ steps
+    # ------------------------------------------------------------------ running commands
     def begin(self, title: str, command: str, seed: str = "") -> StepRecord:
-        self._step += 1
-        record = StepRecord(self._step, title, command, seed=SEED_COMMANDS.get(seed, ""))
+        record = StepRecord(len(self.summary.steps) + 1, title, command, seed=SEED_COMMANDS.get(seed, ""))
         self.summary.steps.append(record)
-        logger.info("=== step %d: %s", self._step, title)
+        logger.info("=== step %d: %s", record.number, title)
         logger.info("$ %s", command)
         return record
 
-    def cli(self, title: str, argv: list, output: Path | str = "", seed: str = "") -> StepRecord:
+    def cli(self, title: str, argv: list, output: Path | str, seed: str = "") -> StepRecord:
         """Run ``moonforge ARGV`` in this process; a non-zero exit status stops the demo. ``seed`` names the
         seed's equivalent command (a key of SEED_COMMANDS)."""
         from moonforge.cli import main
@@ -235,23 +232,31 @@ class Demo:
         start = time.perf_counter()
         status = main(argv)
         record.seconds = time.perf_counter() - start
-        record.output = str(output)
+        record.output = self.show(output)
         if status != 0:
             raise DemoError(f"step {record.number} ({title}) failed with exit status {status}: {record.command}")
         return record
 
-    def generate_data(self) -> None:
-        from moonforge.demo_data import DemoSize, generate
+    def show(self, path: Path | str) -> str:
+        """A path as the summary shows it: relative to the work directory."""
+        try:
+            return str(Path(path).relative_to(self.work))
+        except ValueError:
+            return str(path)
 
-        record = self.begin("generate the demo's data", "python -m moonforge.demo_data (inside moonforge demo)")
+    # ------------------------------------------------------------------ steps
+    def generate_data(self) -> None:
+        from moonforge.demo_data import generate
+
+        record = self.begin("generate the demo's data", "(inside moonforge demo: moonforge.demo_data.generate)")
         start = time.perf_counter()
-        data = generate(self.path("data"), DemoSize(facts=self.plan.facts_per_topic), seed=self.plan.seed,
+        data = generate(self.path("data"), self.plan.data, seed=self.plan.seed,
                         descriptions=lm_eval_descriptions())
         self.summary.data = data.summary()
         record.seconds = time.perf_counter() - start
         record.result = (f"{data.corpus_documents} corpus documents, {len(data.practice)} instruction samples, "
                          f"{len(data.exam)} exam questions in {len(data.topics)} subjects")
-        record.output = str(self.path("data"))
+        record.output = "data/"
 
     def make_tokenizer(self) -> None:
         from moonforge.tokenizer import load_tokenizer
@@ -259,18 +264,54 @@ class Demo:
         record = self.cli("tokenizer in Moonlight's format",
                           ["tokenizer", "train", "--input", self.path("data", "lexicon.txt"),
                            "--out", self.path("tokenizer"), "--vocab-size", self.plan.vocab_size],
-                          output=self.path("tokenizer"), seed="tokenizer")
+                          self.path("tokenizer"), "tokenizer")
         tokenizer = load_tokenizer(self.path("tokenizer"))
-        record.result = f"{tokenizer.n_bpe} BPE tokens + 256 special ids (tiktoken.model, tokenizer_config.json)"
+        record.result = f"{tokenizer.n_bpe} BPE tokens + 256 special ids"
+
+    def create_base_model(self) -> None:
+        """A random tiny model in Moonlight's architecture, saved as a moonforge checkpoint and exported by
+        ``moonforge convert native-to-hf``, so that it has the layout of Moonlight's published directory."""
+        from moonforge.checkpoint.native import CheckpointManager, write_checkpoint_skeleton
+        from moonforge.model import build_model
+        from moonforge.tokenizer import load_tokenizer
+
+        config = demo_model_config(load_tokenizer(self.path("tokenizer")), self.plan.hidden_size)
+        staging = self.path("ckpt", "random-init")
+        write_checkpoint_skeleton(staging, config, self.path("tokenizer"))
+        model = build_model(config, seed=self.plan.seed)
+        CheckpointManager(staging).save(0, {"model": model}, {"note": "random initialisation of the demo model"})
+        record = self.convert("a tiny random 'pretrained' model as an HF directory", "native-to-hf", staging,
+                              self.path("hf", "base"), "download")
+        counts = config.param_counts()
+        record.result = (f"{counts['total'] / 1e6:.2f} M parameters, {config.num_hidden_layers} layers, "
+                         f"{config.n_routed_experts} experts (top-{config.num_experts_per_tok}) + "
+                         f"{config.n_shared_experts} shared, vocab {config.vocab_size}; {record.result}")
+
+    def convert(self, title: str, direction: str, source: Path, out: Path, seed: str) -> StepRecord:
+        source_flag = "--hf" if direction == "hf-to-native" else "--ckpt"
+        record = self.cli(title, ["convert", direction, source_flag, source, "--out", out], out, seed)
+        files = [p for p in out.rglob("*") if p.is_file()]
+        record.result = f"{len(files)} files, {sum(p.stat().st_size for p in files) / 1e6:.1f} MB"
+        return record
+
+    def verify(self, name: str, hf_dir: Path, ckpt: Path) -> None:
+        out = self.path("verify", f"{name}.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        record = self.cli(f"verify {self.show(hf_dir)} (transformers) against {self.show(ckpt)}",
+                          ["verify", "--hf", hf_dir, "--ckpt", ckpt, "--json", out], out, "verify")
+        result = json.loads(out.read_text())
+        self.summary.verify[name] = result
+        record.result = (f"largest logit difference {result['max_abs_diff']:.1e}, top-1 agreement "
+                         f"{result['top1_agreement']:.0%} over {result['tokens']} tokens")
 
     def make_idxmaps(self) -> None:
         summary = self.path("idxmap", "demo.summary.json")
-        record = self.cli("pretraining data -> idxmap",
+        record = self.cli("pretraining corpus -> idxmap",
                           ["data", "pretrain", "--input", self.path("data", "corpus.jsonl"),
                            "--tokenizer", self.path("ckpt", "base"), "--json-keys", "text",
                            "--output-prefix", self.path("idxmap", "demo"), "--append-eod", "--workers", 0,
                            "--summary-json", summary, "--no-progress"],
-                          output=self.path("idxmap", "demo_text_document.{bin,idx}"), seed="data-pretrain")
+                          self.path("idxmap", "demo_text_document.bin"), "data-pretrain")
         stats = json.loads(summary.read_text())
         record.result = f"{stats['documents']} documents, {stats['tokens']} tokens ({stats['dtype']})"
         summary = self.path("idxmap", "demo_sft.summary.json")
@@ -279,65 +320,30 @@ class Demo:
                            "--tokenizer", self.path("ckpt", "base"), "--seq-len", self.plan.sft_seq_len,
                            "--output-prefix", self.path("idxmap", "demo_sft"), "--packing", "--workers", 0,
                            "--summary-json", summary, "--no-progress"],
-                          output=self.path("idxmap", "demo_sft_text_document.*"), seed="data-sft")
+                          self.path("idxmap", "demo_sft_text_document.bin"), "data-sft")
         stats = json.loads(summary.read_text())
-        record.result = (f"{stats['samples']} samples packed into {stats['rows']} rows of {stats['seq_len']} tokens "
+        record.result = (f"{stats['samples']} samples in {stats['rows']} rows of {stats['seq_len']} tokens "
                          f"({stats['row_fill']:.0%} filled), {stats['target_tokens']} loss tokens")
-
-    def create_base_model(self) -> None:
-        """A random tiny model in Moonlight's architecture, written the way every HF directory here is: as a
-        moonforge checkpoint, exported by ``moonforge convert native-to-hf``."""
-        import torch
-
-        from moonforge.checkpoint.native import CheckpointManager, write_checkpoint_skeleton
-        from moonforge.model import build_model
-        from moonforge.tokenizer import load_tokenizer
-
-        tokenizer = load_tokenizer(self.path("tokenizer"))
-        config = demo_model_config(tokenizer, self.plan.hidden_size)
-        model = build_model(config, seed=self.plan.seed)
-        staging = self.path("ckpt", "random-init")
-        write_checkpoint_skeleton(staging, config, self.path("tokenizer"))
-        CheckpointManager(staging).save(0, {"model": model}, {"note": "random initialisation for the demo"})
-        counts = config.param_counts()
-        record = self.cli("a tiny random 'pretrained' model as an HF directory",
-                          ["convert", "native-to-hf", "--ckpt", staging, "--out", self.path("hf", "base")],
-                          output=self.path("hf", "base"), seed="download")
-        record.result = (f"{counts['total'] / 1e6:.2f} M parameters ({counts['active_non_embedding'] / 1e6:.2f} M "
-                         f"active non-embedding), {config.num_hidden_layers} layers, {config.n_routed_experts} "
-                         f"experts (top-{config.num_experts_per_tok}), vocab {config.vocab_size}")
-        del model
-        torch.manual_seed(self.plan.seed)
-
-    def verify(self, name: str, hf_dir: Path, ckpt: Path) -> None:
-        out = self.path("verify", f"{name}.json")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        record = self.cli(f"verify {hf_dir.name} against {ckpt}", ["verify", "--hf", hf_dir, "--ckpt", ckpt,
-                                                                  "--json", out], output=out, seed="verify")
-        result = json.loads(out.read_text())
-        self.summary.verify[name] = result
-        record.result = (f"max |logit diff| {result['max_abs_diff']:.2e}, top-1 agreement "
-                         f"{result['top1_agreement']:.0%} over {result['tokens']} tokens")
 
     def train(self, name: str, title: str, config: dict, seed: str) -> None:
         import yaml
 
         from moonforge.train.metrics import read_metrics
+        from moonforge.utils import atomic_write_text
 
         path = self.path("configs", f"{name}.yaml")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        atomic_write_text(path, yaml.safe_dump(config, sort_keys=False))
         run_dir = Path(config["output_dir"])
-        record = self.cli(title, ["train", path, "--nproc", 1], output=run_dir, seed=seed)
+        record = self.cli(title, ["train", path, "--nproc", 1], run_dir, seed)
         records = read_metrics(run_dir / "metrics.jsonl")
         train = [r["loss"] for r in records if r.get("split", "train") == "train"]
         valid = [r["loss"] for r in records if r.get("split") == "valid"]
         window = max(1, min(5, len(train) // 4))
         losses = {"first": train[0], "last": train[-1], "first_mean": sum(train[:window]) / window,
-                  "last_mean": sum(train[-window:]) / window, "iterations": len(train),
-                  "valid": valid, "metrics": str(run_dir / "metrics.jsonl")}
+                  "last_mean": sum(train[-window:]) / window, "iterations": len(train), "valid": valid,
+                  "metrics": str(run_dir / "metrics.jsonl")}
         self.summary.losses[name] = losses
-        record.result = (f"loss {losses['first_mean']:.3f} -> {losses['last_mean']:.3f} (mean of first/last "
+        record.result = (f"loss {losses['first_mean']:.3f} -> {losses['last_mean']:.3f} (mean of the first and last "
                          f"{window} of {len(train)} iterations)")
         if valid:
             record.result += f"; validation {valid[0]:.3f} -> {valid[-1]:.3f}"
@@ -345,17 +351,17 @@ class Demo:
     def pretrain_config(self) -> dict:
         p = self.plan
         return {
-            "init_from": str(self.path("ckpt", "base")),
-            "output_dir": str(self.path("runs", "pretrain")),
+            "init_from": str(self.path("ckpt", "base")), "output_dir": str(self.path("runs", "pretrain")),
             "seq_len": p.pretrain_seq_len, "micro_batch_size": p.pretrain_batch,
             "global_batch_size": p.pretrain_batch, "train_iters": p.pretrain_iters,
             "warmup_iters": p.pretrain_iters // 20, "lr": p.pretrain_lr, "min_lr": p.pretrain_lr / 10,
             "precision": "fp32", "log_interval": 20, "eval_interval": p.pretrain_iters // 4, "eval_iters": 2,
-            "seed": p.seed, "data": {"type": "idxmap", "train": [str(self.path("idxmap", "demo_text_document"))],
-                                     "split": "95,5,0"},
+            "seed": p.seed,
+            "data": {"type": "idxmap", "train": [str(self.path("idxmap", "demo_text_document"))], "split": "95,5,0"},
         }
 
     def sft_config(self, kind: str) -> dict:
+        """Both SFT runs start from the pretraining run's checkpoint and see every instruction sample."""
         p = self.plan
         common = {"init_from": str(self.path("runs", "pretrain", "checkpoint")), "sft": True, "lr": p.sft_lr,
                   "min_lr": p.sft_lr / 10, "precision": "fp32", "log_interval": 20, "seed": p.seed}
@@ -370,36 +376,31 @@ class Demo:
                 "train_iters": p.raw_iters, "warmup_iters": p.raw_iters // 20,
                 "data": {"type": "raw", "train": [str(self.path("data", "sft.json"))]}}
 
-    def evaluate(self, name: str, title: str, model: Path) -> None:
+    def evaluate(self, name: str, what: str, model: Path) -> None:
         out = self.path("eval", f"{name}.json")
-        record = self.cli(title, ["eval", "--model", model, "--tasks", TASKS, "--data-dir", self.path("data", "eval"),
-                                  "--apply-chat-template", "--batch-size", 32, "--output", out], output=out,
-                          seed="eval")
+        record = self.cli(f"evaluate {what}",
+                          ["eval", "--model", model, "--tasks", TASKS, "--data-dir", self.path("data", "eval"),
+                           "--apply-chat-template", "--batch-size", 32, "--output", out], out, "eval")
         accuracy = read_accuracy(out)
         self.summary.accuracy[name] = accuracy
-        record.result = (f"accuracy {accuracy['overall']:.1%} over {accuracy['questions']} questions "
-                         f"(cmmlu {accuracy['cmmlu']:.1%}, ceval-valid {accuracy['ceval-valid']:.1%}; chance 25%)")
+        record.result = (f"accuracy {accuracy['overall']:.1%} of {accuracy['questions']} (cmmlu "
+                         f"{accuracy['cmmlu']:.1%}, ceval-valid {accuracy['ceval-valid']:.1%}; chance 25%)")
 
     def finish(self, seconds: float) -> None:
-        record = self.begin("summary and loss curves", "(inside moonforge demo)")
-        plot = plot_losses({name: Path(l["metrics"]) for name, l in self.summary.losses.items()},
-                           self.path("loss_curves.png"))
-        self.summary.seconds = seconds
-        record.output = f"{self.path('summary.md')}, {self.path('summary.json')}, {plot}"
-        record.result = "per-run plots: runs/*/training.png; TensorBoard: runs/*/tensorboard"
         from moonforge.utils import atomic_write_text
 
-        atomic_write_text(self.path("summary.json"), json.dumps(self.summary.to_dict(), indent=2,
-                                                                ensure_ascii=False) + "\n")
+        record = self.begin("summary and loss curves", "(inside moonforge demo)")
+        plot_losses({name: Path(losses["metrics"]) for name, losses in self.summary.losses.items()},
+                    self.path("loss_curves.png"))
+        self.summary.seconds = seconds
+        record.output = "summary.md, summary.json, loss_curves.png"
+        record.result = "per run: runs/*/training.png, runs/*/tensorboard/"
+        atomic_write_text(self.path("summary.json"),
+                          json.dumps(self.summary.to_dict(), indent=2, ensure_ascii=False) + "\n")
         atomic_write_text(self.path("summary.md"), format_summary(self.summary))
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-def describe_files(path: Path) -> str:
-    files = [p for p in Path(path).rglob("*") if p.is_file()]
-    return f"{len(files)} files, {sum(p.stat().st_size for p in files) / 1e6:.1f} MB"
-
-
 def demo_model_config(tokenizer, hidden_size: int = 128):
     """The tiny preset's structure (Moonlight's: MLA, one dense layer, then MoE with shared experts and a sigmoid
     router), a little wider, with the vocabulary and special ids of the demo's tokenizer."""
@@ -449,6 +450,10 @@ def read_accuracy(path: Path) -> dict:
             "file": str(path)}
 
 
+RUN_TITLES = {"pretrain": "continued pretraining (idxmap)", "sft-idxmap": "SFT (packed SFT idxmap)",
+              "sft-raw": "SFT (raw JSON)"}
+
+
 def plot_losses(runs: dict[str, Path], out: Path) -> Path:
     """One figure with the training (and validation) loss of every run."""
     import matplotlib
@@ -466,7 +471,7 @@ def plot_losses(runs: dict[str, Path], out: Path) -> Path:
         ax.plot([r["iteration"] for r in train], [r["loss"] for r in train], label="train")
         if valid:
             ax.plot([r["iteration"] for r in valid], [r["loss"] for r in valid], "o-", label="validation")
-        ax.set_title(name)
+        ax.set_title(RUN_TITLES.get(name, name))
         ax.set_xlabel("iteration")
         ax.set_ylabel("loss")
         ax.set_yscale("log")

@@ -82,7 +82,7 @@ class Question:
 class DemoSize:
     """How much data to generate: the full demo, or the shortened one of ``--quick``."""
 
-    facts: int = 32  # per topic: a multiple of 4 (each answer equally often), at most 64
+    facts: int = 24  # per topic: a multiple of 4 (each answer equally often), at most 64
     corpus_mentions: int = 12  # times each fact is stated in the pretraining corpus
     facts_per_document: int = 6
     dev_questions: int = 5  # per subject: the few-shot split (dev), from the instruction data
@@ -126,18 +126,26 @@ def build_topics(size: DemoSize, rng: random.Random) -> list[Topic]:
     sums = ("17", "18", "19", "20")
     arithmetic = [(f"{a}加{int(s) - a}", s) for s in sums for a in range(1, 20) if 1 <= int(s) - a <= 19]
     return [
-        Topic("cmmlu", "elementary_commonsense", "{e}是什么颜色的？", ("{e}的颜色是什么？", "{e}开什么颜色的花？"),
-              ("{e}是{v}的。", "{e}的颜色是{v}。", "人们见到的{e}总是{v}的。"), "{e}的颜色是{v}。", colours,
-              _assign([name + "花" for name in names[:n]], colours, rng)),
-        Topic("cmmlu", "elementary_mathematics", "{e}等于多少？", ("{e}的结果是多少？", "算一算，{e}得几？"),
-              ("{e}等于{v}。", "{e}的结果是{v}。", "算一算，{e}得{v}。"), "{e}等于{v}。", sums,
-              _balanced(arithmetic, sums, n, rng)),
-        Topic("ceval", "high_school_geography", "{e}位于哪个国家？", ("{e}在哪个国家？", "要去{e}，应该前往哪个国家？"),
-              ("{e}位于{v}。", "{e}是{v}的一座城市。", "要去{e}，就要前往{v}。"), "{e}是{v}的城市。", countries,
-              _assign([name + "城" for name in names[n:2 * n]], countries, rng)),
-        Topic("ceval", "middle_school_biology", "{e}主要吃什么？", ("{e}吃什么？", "{e}最爱吃的食物是什么？"),
-              ("{e}吃{v}。", "{e}最爱吃的食物是{v}。", "{e}每天都要找{v}吃。"), "{e}以{v}为食。", foods,
-              _assign([name + "兽" for name in names[2 * n:3 * n]], foods, rng)),
+        Topic("cmmlu", "elementary_commonsense",
+              exam="{e}是什么颜色的？", drills=("{e}的颜色是什么？", "{e}开什么颜色的花？"),
+              statements=("{e}是{v}的。", "{e}的颜色是{v}。", "人们见到的{e}总是{v}的。"),
+              explanation="{e}的颜色是{v}。", values=colours,
+              facts=_assign([name + "花" for name in names[:n]], colours, rng)),
+        Topic("cmmlu", "elementary_mathematics",
+              exam="{e}等于多少？", drills=("{e}的结果是多少？", "算一算，{e}得几？"),
+              statements=("{e}等于{v}。", "{e}的结果是{v}。", "算一算，{e}得{v}。"),
+              explanation="{e}等于{v}。", values=sums, facts=_balanced(arithmetic, sums, n, rng)),
+        Topic("ceval", "high_school_geography",
+              exam="{e}位于哪个国家？",
+              drills=("{e}在哪个国家？", "要去{e}，应该前往哪个国家？"),
+              statements=("{e}位于{v}。", "{e}是{v}的一座城市。", "要去{e}，就要前往{v}。"),
+              explanation="{e}是{v}的城市。", values=countries,
+              facts=_assign([name + "城" for name in names[n:2 * n]], countries, rng)),
+        Topic("ceval", "middle_school_biology",
+              exam="{e}主要吃什么？", drills=("{e}吃什么？", "{e}最爱吃的食物是什么？"),
+              statements=("{e}吃{v}。", "{e}最爱吃的食物是{v}。", "{e}每天都要找{v}吃。"),
+              explanation="{e}以{v}为食。", values=foods,
+              facts=_assign([name + "兽" for name in names[2 * n:3 * n]], foods, rng)),
     ]
 
 

@@ -69,6 +69,24 @@ def test_demo_tokenizer_keeps_entities_and_answers_as_the_same_tokens_everywhere
     assert contains(statement, value) and contains(prompt, value)
 
 
+def test_demo_refuses_a_workdir_that_holds_other_files(tmp_path, capsys):
+    from moonforge.cli import main
+
+    (tmp_path / "notes.txt").write_text("keep me")
+    assert main(["demo", "--workdir", str(tmp_path), "--quick"]) == 1
+    assert "not a previous demo's" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_demo_runs_on_one_thread_unless_openmp_threads_sleep(monkeypatch):
+    from moonforge.demo import default_threads
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert default_threads() == 1
+    monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
+    assert default_threads() == len(os.sched_getaffinity(0))
+
+
 # ---------------------------------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def quick_demo(tmp_path_factory):
