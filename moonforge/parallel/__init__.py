@@ -136,7 +136,9 @@ def materialize(pm: ParallelModel, device: torch.device, init_seed: int | None =
         for name, tensor in part.state_dict().items():
             home = (tensor.to_local() if isinstance(tensor, DTensor) else tensor).device  # CPU when offloaded
             full = initial_tensor(part, name, tensor.shape, tensor.dtype, home, init_seed)
-            set_model_state_dict(part, {name: full}, options=options)
+            # Loaded through the owning module: a part may hold some blocks in host memory (optimizer offload).
+            owner_name, _, leaf = name.rpartition(".")
+            set_model_state_dict(part.get_submodule(owner_name), {leaf: full}, options=options)
         part.reset_buffers()
 
 
