@@ -129,22 +129,24 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="where every file of the demo goes (default demo-work); a previous demo's files "
                              "there are replaced")
     parser.add_argument("--quick", action="store_true", help="a shortened demo (about half the time)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for PyTorch (default: all usable cores when OMP_WAIT_POLICY=PASSIVE is "
-                             "set, else 1; see docs/demo.md)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads for PyTorch (default 1: more are faster only on an otherwise idle "
+                             "machine, and many times slower as soon as another process is busy; docs/demo.md)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    threads = args.threads if args.threads is not None else default_threads()
-    if threads < 1:
-        print(f"error: --threads must be at least 1, got {threads}", file=sys.stderr)
+    if args.threads < 1:
+        print(f"error: --threads must be at least 1, got {args.threads}", file=sys.stderr)
         return 2
+    # PyTorch's OpenMP threads spin while they wait for each other, and a model this small runs thousands of
+    # short parallel regions per step: with a second process busy on a 2-core machine, two threads took 5.3 s
+    # per pretraining step where one takes 0.26 s (two take 0.14 s on an idle machine).
     previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    logger.info("PyTorch uses %d CPU thread(s)", threads)
+    torch.set_num_threads(args.threads)
+    logger.info("PyTorch uses %d CPU thread(s)", args.threads)
     try:
         summary = Demo(Path(args.workdir), QUICK_PLAN if args.quick else FULL_PLAN, quick=args.quick).run()
     except DemoError as e:
@@ -154,18 +156,6 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(previous)
     print(format_summary(summary))
     return 0
-
-
-def default_threads() -> int:
-    """One thread, unless OpenMP's threads sleep when idle (OMP_WAIT_POLICY=PASSIVE): PyTorch's OpenMP threads
-    spin while they wait for each other, and a tiny model runs thousands of short parallel regions per step, so
-    as soon as another process takes a core, the spinning makes training 20x slower (measured on 2 cores:
-    0.16 s per step alone, 5.3 s with one busy core; 0.23 s on one thread; 0.25 s on two with PASSIVE)."""
-    import os
-
-    if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":
-        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return 1
 
 
 class Demo:
@@ -203,8 +193,15 @@ class Demo:
         return self.summary
 
     def prepare_workdir(self) -> None:
+        import importlib.util
+
         from moonforge.utils import atomic_write_text
 
+        missing = [f"{module} ({extra})" for module, extra in (("transformers", "moonforge verify"),
+                                                                ("lm_eval", "moonforge eval"))
+                   if importlib.util.find_spec(module) is None]
+        if missing:
+            raise DemoError(f"the demo needs {' and '.join(missing)}: pip install 'moonforge[test]'")
         work = self.work
         if work.exists() and (not work.is_dir() or any(work.iterdir())):
             if not (work / MARKER).is_file():

@@ -78,34 +78,29 @@ def test_demo_refuses_a_workdir_that_holds_other_files(tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
 
 
-def test_demo_runs_on_one_thread_unless_openmp_threads_sleep(monkeypatch):
-    from moonforge.demo import default_threads
-
-    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    assert default_threads() == 1
-    monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
-    assert default_threads() == len(os.sched_getaffinity(0))
-
-
 # ---------------------------------------------------------------------------------------------------- end to end
-@pytest.fixture(scope="module")
-def quick_demo(tmp_path_factory):
-    """One shortened demo run (about 1.5 minutes on 2 cores), shared by the tests below."""
+@pytest.mark.slow
+def test_quick_demo_end_to_end(tmp_path):
+    """One shortened demo run (about 1.5 minutes on 2 cores; one test, so that test distribution never runs it
+    twice), then its outputs checked part by part."""
     from moonforge.cli import main
 
-    work = tmp_path_factory.mktemp("demo") / "work"
+    work = tmp_path / "work"
     saved = dict(os.environ)
     try:
         assert main(["demo", "--workdir", str(work), "--quick"]) == 0
     finally:
         os.environ.clear()
         os.environ.update(saved)
-    return work, json.loads((work / "summary.json").read_text())
+    summary = json.loads((work / "summary.json").read_text())
+    check_every_output_exists(work, summary)
+    check_idxmap_reads_back_with_megatron(work)
+    check_losses_fall(work, summary)
+    check_conversions_are_exact(work, summary)
+    check_accuracy_by_transformers_scoring(work, summary)
 
 
-@pytest.mark.slow
-def test_quick_demo_writes_every_output(quick_demo):
-    work, summary = quick_demo
+def check_every_output_exists(work: Path, summary: dict) -> None:
     assert summary["quick"] and len(summary["steps"]) == 17
     assert all(s["command"] for s in summary["steps"])
     for rel in ("tokenizer/tiktoken.model", "hf/base/config.json", "hf/base/model.safetensors.index.json",
@@ -121,13 +116,11 @@ def test_quick_demo_writes_every_output(quick_demo):
     assert "moonforge convert hf-to-native" in text and "hf2mcore_moonlight_convertor.sh" in text
 
 
-@pytest.mark.slow
-def test_quick_demo_idxmap_reads_back_with_megatron(quick_demo):
+def check_idxmap_reads_back_with_megatron(work: Path) -> None:
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     from moonforge.tokenizer import load_tokenizer
 
-    work, _ = quick_demo
     tok = load_tokenizer(work / "tokenizer")
     docs = [json.loads(line)["text"] for line in (work / "data" / "corpus.jsonl").read_text().splitlines()]
     ds = IndexedDataset(str(work / "idxmap" / "demo_text_document"))
@@ -138,11 +131,9 @@ def test_quick_demo_idxmap_reads_back_with_megatron(quick_demo):
     assert sft_meta["samples"] == len(json.loads((work / "data" / "sft.json").read_text()))
 
 
-@pytest.mark.slow
-def test_quick_demo_losses_fall(quick_demo):
+def check_losses_fall(work: Path, summary: dict) -> None:
     from moonforge.train.metrics import read_metrics
 
-    work, summary = quick_demo
     for run, factor in (("pretrain", 0.3), ("sft-idxmap", 0.1), ("sft-raw", 0.5)):
         losses = [r["loss"] for r in read_metrics(work / "runs" / run / "metrics.jsonl") if r["split"] == "train"]
         assert len(losses) == summary["losses"][run]["iterations"] > 10
@@ -152,11 +143,9 @@ def test_quick_demo_losses_fall(quick_demo):
     assert len(valid) >= 2 and valid[-1] < valid[0]
 
 
-@pytest.mark.slow
-def test_quick_demo_conversions_are_exact(quick_demo):
+def check_conversions_are_exact(work: Path, summary: dict) -> None:
     from moonforge.loading import load_model
 
-    work, summary = quick_demo
     base_hf, base_native = load_model(work / "hf" / "base"), load_model(work / "ckpt" / "base")
     for name, tensor in base_hf.state_dict().items():
         assert torch.equal(tensor, base_native.state_dict()[name]), name
@@ -170,8 +159,7 @@ def test_quick_demo_conversions_are_exact(quick_demo):
         assert summary["verify"][name]["top1_agreement"] == 1.0
 
 
-@pytest.mark.slow
-def test_quick_demo_accuracy_beats_chance_by_transformers_scoring(quick_demo):
+def check_accuracy_by_transformers_scoring(work: Path, summary: dict) -> None:
     """Score the exam with transformers alone (its model and the export's tokenizer.json), as a check of both
     the fine-tuning and lm-eval's numbers."""
     import csv
@@ -181,7 +169,6 @@ def test_quick_demo_accuracy_beats_chance_by_transformers_scoring(quick_demo):
     from moonforge.demo import lm_eval_descriptions
     from moonforge.tokenizer import load_tokenizer
 
-    work, summary = quick_demo
     hf_dir = work / "hf" / "sft"
     model = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(hf_dir))
