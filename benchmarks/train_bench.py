@@ -251,7 +251,7 @@ def run_moonforge(args, cfg: TrainConfig) -> dict:
         "losses": losses, "flops_per_token": flops, "time_split_ms": split, "top_kernels_ms": top_kernels,
         "layout": trainer.dims.describe(), "grad_accum": trainer.grad_accum,
     }
-    del trainer, loader, opt_step, timed_step
+    del trainer, loader
     import gc
 
     gc.collect()

@@ -3,14 +3,11 @@ benchmarks. Each data-parallel rank reads its own micro-batches of every global 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from moonforge.config import ConfigError
-from moonforge.model import IGNORE_INDEX
 from moonforge.parallel.mesh import Meshes
 from moonforge.train.config import TrainConfig
 
