@@ -159,10 +159,10 @@ class Trainer:
             dist.barrier()
         return CheckpointManager(root, keep_last=self.cfg.keep_last, async_save=self.cfg.async_save)
 
-    def _state(self) -> dict:
+    def _state(self, with_rng: bool = True) -> dict:
         from moonforge.checkpoint.native import ModelState, OptimizerState
 
-        return {
+        state = {
             "model": ModelState(self.pm.parts),
             "optimizer": OptimizerState(self.pm.parts, [self.optimizer]),
             "dataloader": self.train_loader.state_dict(),
@@ -170,12 +170,26 @@ class Trainer:
                         "skipped_total": self.skipped_total, "loss_scale": self.loss_scale,
                         "good_steps_since_scale": self.good_steps_since_scale},
         }
+        if with_rng:  # per rank; restored only when the world size is unchanged
+            rng = {"cpu": torch.get_rng_state()}
+            if self.device.type == "cuda":
+                rng["cuda"] = torch.cuda.get_rng_state(self.device)
+            state["rng"] = {f"rank{self.rank}": rng}
+        return state
 
     def _load_initial_state(self) -> None:
+        from moonforge.checkpoint.native import iteration_dirname, read_meta
+
         latest = self.checkpoints.latest_iteration() if self.cfg.resume else None
         if latest is not None:
-            state = self._state()
+            saved_world = read_meta(self.checkpoints.root / iteration_dirname(latest)).get("world_size")
+            state = self._state(with_rng=saved_world == self.world)
             meta = self.checkpoints.load(state, latest)
+            if "rng" in state:
+                rng = state["rng"][f"rank{self.rank}"]
+                torch.set_rng_state(rng["cpu"])
+                if "cuda" in rng:
+                    torch.cuda.set_rng_state(rng["cuda"], self.device)
             t = state["trainer"]
             self.iteration, self.consumed_samples = int(t["iteration"]), int(t["consumed_samples"])
             self.skipped_total, self.loss_scale = int(t["skipped_total"]), float(t["loss_scale"])
@@ -236,8 +250,7 @@ class Trainer:
         counts = update_expert_bias(pm.routers(), self.cfg.expert_bias_update_rate if finite else 0.0,
                                     group=self.meshes.stage.get_group() if self.world > 1 else None)
         self.optimizer.zero_grad(set_to_none=True)
-        tokens = torch.tensor(self._global_tokens)
-        return StepResult(loss=loss, grad_norm=float(grad_norm), skipped=not finite, loss_tokens=int(tokens),
+        return StepResult(loss=loss, grad_norm=float(grad_norm), skipped=not finite, loss_tokens=self._global_tokens,
                           expert_load=self._expert_load(counts))
 
     def _clip_gradients(self) -> torch.Tensor:
