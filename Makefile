@@ -5,6 +5,8 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
+# The example scripts call `moonforge` and `python3`: put the environment's first on PATH.
+RUN := PATH="$(abspath $(BIN)):$$PATH"
 
 .PHONY: demo test setup clean
 
@@ -18,10 +20,10 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(BIN)/moonforge demo --workdir demo-work
+	$(RUN) $(BIN)/moonforge demo --workdir demo-work
 
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest -q tests
+	$(RUN) $(BIN)/python -m pytest -q tests
 
 clean:
 	rm -rf $(VENV) demo-work
