@@ -1,6 +1,6 @@
 # Two entry points do all set-up on a fresh machine:  `make demo`  and  `make test`.
 # TORCH selects the PyTorch build: the default pins 2.13.0; on a CUDA machine with torch already present, use
-# `make demo TORCH=` to keep it (an empty TORCH installs nothing extra).
+# `make demo TORCH=` to keep it (an empty TORCH makes the environment see the system's packages).
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
@@ -11,7 +11,7 @@ RUN := PATH="$(abspath $(BIN)):$$PATH"
 .PHONY: demo test setup clean
 
 $(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv $(if $(TORCH),,--system-site-packages) $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(if $(TORCH),$(BIN)/python -m pip install -q "$(TORCH)")
 	$(BIN)/python -m pip install -q -e ".[test]"
