@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -92,16 +91,9 @@ def plot(result: dict, out: Path, title: str, ylabel: str) -> None:
 
 
 def machine() -> dict:
-    cpu = "unknown"
-    if Path("/proc/cpuinfo").exists():
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    import torch
+    from data_preprocess import machine as describe
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "load_average_1_5_15min": [round(x, 2) for x in os.getloadavg()]}
+    return describe([round(x, 2) for x in os.getloadavg()])
 
 
 def commit() -> str:

@@ -276,21 +276,24 @@ class Trainer:
         return norm
 
     def _pipeline_forward_backward(self, micro_batches) -> torch.Tensor:
+        return self._run_pipeline(self.pp_schedule.step, micro_batches) / self.loss_scale
+
+    def _run_pipeline(self, run, micro_batches) -> torch.Tensor:
+        """Feed this rank's micro-batches through the pipeline schedule (``step`` or ``eval``); the summed loss
+        of the last stage (zero elsewhere)."""
         prepared = [self._prepare(b) for b in micro_batches]
         cat = {k: torch.cat([p[k] for p in prepared]) for k in prepared[0]}
         kwargs = {k: cat[k] for k in ("document_ids", "position_ids", "labels") if k in cat}
         losses: list[torch.Tensor] = []
         pm = self.pm
         if pm.has_first_stage:
-            self.pp_schedule.step(cat["tokens"], target=cat["labels"] if pm.has_last_stage else None,
-                                  losses=losses, **kwargs)
+            run(cat["tokens"], target=cat["labels"] if pm.has_last_stage else None, losses=losses, **kwargs)
         elif pm.has_last_stage:
-            self.pp_schedule.step(target=cat["labels"], losses=losses, **kwargs)
+            run(target=cat["labels"], losses=losses, **kwargs)
         else:
-            self.pp_schedule.step(**kwargs)
-        if not losses:
-            return torch.zeros((), dtype=torch.float64, device=self.device)
-        return sum(l.detach().double().sum() for l in losses) / self.loss_scale
+            run(**kwargs)
+        return sum((l.detach().double().sum() for l in losses),
+                   torch.zeros((), dtype=torch.float64, device=self.device))
 
     def _reduce_loss(self, loss_sum: torch.Tensor) -> float:
         if self.world == 1:
@@ -418,23 +421,12 @@ class Trainer:
         if not hasattr(self.pp_schedule, "eval"):
             raise NotImplementedError("validation under pipeline parallelism needs torch.distributed.pipelining's "
                                       "Schedule.eval (torch >= 2.12); set eval_interval: null")
-        prepared = [self._prepare(b) for b in micro_batches]
-        cat = {k: torch.cat([p[k] for p in prepared]) for k in prepared[0]}
-        kwargs = {k: cat[k] for k in ("document_ids", "position_ids", "labels") if k in cat}
-        losses: list[torch.Tensor] = []
         saved = self._global_tokens, self.loss_scale
-        self._global_tokens, self.loss_scale = 1, 1.0
+        self._global_tokens, self.loss_scale = 1, 1.0  # the loss function then returns plain summed losses
         try:
-            if self.pm.has_first_stage:
-                self.pp_schedule.eval(cat["tokens"], target=cat["labels"] if self.pm.has_last_stage else None,
-                                      losses=losses, **kwargs)
-            elif self.pm.has_last_stage:
-                self.pp_schedule.eval(target=cat["labels"], losses=losses, **kwargs)
-            else:
-                self.pp_schedule.eval(**kwargs)
+            return self._run_pipeline(self.pp_schedule.eval, micro_batches)
         finally:
             self._global_tokens, self.loss_scale = saved
-        return sum((l.double().sum() for l in losses), torch.zeros((), dtype=torch.float64, device=self.device))
 
 
 def resolve_model_config(cfg: TrainConfig) -> ModelConfig:
