@@ -2,6 +2,8 @@
 # The GPU benchmark suite behind benchmarks/results/*_h200*.json. Usage:
 #   bash benchmarks/h200_suite.sh one OUTDIR    # one H200: 6-layer Moonlight vs transformers, parity
 #   bash benchmarks/h200_suite.sh two OUTDIR    # two H200s: full 27-layer Moonlight pretraining and packed SFT
+#   bash benchmarks/h200_suite.sh offload OUTDIR  # one H200: full-model SFT, optimizer state in host memory
+#   bash benchmarks/h200_suite.sh muon OUTDIR   # one H200 holding one EP 8 rank's share: Muon vs AdamW steps
 # Each run writes one JSON (see benchmarks/train_bench.py); a failing run records its error and the suite goes on.
 set -u
 MODE=$1; OUT=$2; mkdir -p "$OUT"
@@ -29,4 +31,16 @@ if [ "$MODE" = two-b ]; then  # keep gathered weights between forward and backwa
   COMMON="--steps 5 --warmup 3 --state-dtype bf16 --compile --set parallel.reshard_after_forward=false"
   bench train_27l_2xh200_ep2_noreshard 2 170 --layers 27 --mbs 1 --gbs 8 --ep 2 --seq 4096 --ac none $COMMON
   bench train_27l_2xh200_ep2_noreshard_sel 2 170 --layers 27 --mbs 1 --gbs 8 --ep 2 --seq 4096 --ac sel $COMMON
+fi
+if [ "$MODE" = offload ]; then  # all 27 layers on ONE H200: bf16 weights + fp32 gradients on the GPU
+  python3 -c "import tests.test_flat_adamw as t; t.test_streamed_offload_on_a_gpu_matches_the_plain_optimizer(); \
+print('streamed offload on the GPU matches the plain optimizer')" 2>&1 | tail -2
+  bench sft_27l_1xh200_offload 1 400 --layers 27 --mbs 1 --gbs 8 --seq 4096 --ac full --state-dtype bf16 \
+    --offload 1.0 --compile --attention varlen --packed 8 --steps 3 --warmup 2
+fi
+if [ "$MODE" = muon ]; then  # 8 experts per layer: one EP 8 rank's parameters, Moonlight's FLOPs per token
+  for opt in adamw muon; do
+    bench muon_vs_adamw_27l_ep8share_h200_$opt 1 280 --layers 27 --experts 8 --engine fsdp --optimizer $opt \
+      --mbs 1 --gbs 32 --seq 4096 --ac sel --compile --steps 3 --warmup 1 --no-profile
+  done
 fi

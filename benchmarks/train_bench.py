@@ -35,6 +35,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="moonlight-16b-a3b", help="architecture (tiny: a CPU smoke run)")
     p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--experts", type=int, default=None,
+                   help="routed experts per layer (e.g. 8: what one GPU of an EP 8 run holds, same FLOPs per token)")
+    p.add_argument("--engine", choices=("auto", "fsdp"), default="auto",
+                   help="one GPU: auto uses flat buffers for AdamW; fsdp forces the FSDP path (as Muon takes)")
     p.add_argument("--mbs", type=int, default=2)
     p.add_argument("--gbs", type=int, default=None, help="global batch (default: mbs x data-parallel size)")
     p.add_argument("--seq", type=int, default=4096)
@@ -74,6 +78,12 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def host_peak_rss_gib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def commit() -> str:
     try:
         return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True).strip()
@@ -81,8 +91,10 @@ def commit() -> str:
         return os.environ.get("MOONFORGE_COMMIT", "unknown")
 
 
-def model_dir(name: str, layers: int, tmp: Path) -> Path:
+def model_dir(name: str, layers: int, tmp: Path, experts: int | None = None) -> Path:
     config = preset(name).replace(num_hidden_layers=layers)
+    if experts:
+        config = config.replace(n_routed_experts=experts, num_experts_per_tok=min(config.num_experts_per_tok, experts))
     path = tmp / f"moonlight_{layers}l"
     path.mkdir(parents=True, exist_ok=True)
     config.save(path / "config.json")
@@ -206,7 +218,10 @@ def instrument():
 def run_moonforge(args, cfg: TrainConfig) -> dict:
     from moonforge.train.trainer import Trainer
 
+    Trainer.single_gpu_flat = args.engine == "auto"
+    t0 = time.perf_counter()
     trainer = Trainer(cfg)
+    setup_s = time.perf_counter() - t0
     loader = trainer.train_loader if not args.packed else PackedBatches(trainer.train_loader, args.packed)
     opt_step = trainer.optimizer.step
 
@@ -249,7 +264,9 @@ def run_moonforge(args, cfg: TrainConfig) -> dict:
         "tflops_per_gpu": tflops, "mfu": tflops / PEAK_TFLOPS, "fraction_of_matmul_ceiling": tflops /
         MEASURED_MATMUL_TFLOPS, "peak_memory_gib": peak_memory_gib(device),
         "losses": losses, "flops_per_token": flops, "time_split_ms": split, "top_kernels_ms": top_kernels,
-        "layout": trainer.dims.describe(), "grad_accum": trainer.grad_accum,
+        "layout": trainer.dims.describe(), "grad_accum": trainer.grad_accum, "setup_s": setup_s,
+        "engine": "flat" if trainer.flat else "fsdp", "host_peak_rss_gib": host_peak_rss_gib(),
+        "parameters": sum(p.numel() for p in trainer.pm.parameters()),
     }
     del trainer, loader
     import gc
@@ -306,7 +323,7 @@ def main(argv=None):
 
     rank, world, device = init_distributed()
     tmp = Path(tempfile.mkdtemp(prefix="moonforge_bench_"))
-    mdir = model_dir(args.preset, args.layers, tmp)
+    mdir = model_dir(args.preset, args.layers, tmp, args.experts)
     cfg = train_config(args, mdir, tmp / "run", world)
     record = {
         "benchmark": "train_bench", "label": args.label, "commit": commit(), "date": time.strftime("%Y-%m-%d"),

@@ -65,9 +65,11 @@ def test_accumulating_micro_batches_in_fp32_and_bf16_parameters():
     before = model.model.embed_tokens.weight.float().clone()
     flat.step()
     assert not torch.equal(before, model.model.embed_tokens.weight.float())
-    # The bf16 parameters are the rounded fp32 master weights.
+    # The bf16 parameters are the rounded fp32 master weights (ties away from zero, see split_fp32).
+    from moonforge.train.flat_adamw import split_fp32
+
     master = flat.state[model.model.embed_tokens.weight]["master"]
-    assert torch.equal(master.to(torch.bfloat16), model.model.embed_tokens.weight)
+    assert torch.equal(split_fp32(master)[0], model.model.embed_tokens.weight)
 
 
 def test_state_dict_round_trip_keeps_flat_views():
@@ -111,3 +113,131 @@ def test_sharded_adamw_matches_torch_adamw():
         # Per tensor: an element whose gradient nearly cancels may take Adam's other sign under another
         # summation order, so compare whole tensors, not elements.
         assert (p.float() - q).norm() <= 1e-5 * q.norm(), name
+
+
+# ---------------------------------------------------------------------- host-offloaded state
+def test_fp32_split_into_bf16_and_int16_is_exact():
+    from moonforge.train.flat_adamw import join_fp32, split_fp32
+
+    x = torch.randn(100_000) * torch.logspace(-38, 38, 100_000)
+    x = torch.cat([x, torch.tensor([0.0, -0.0, 1.0, -1.0, 1e-45, -1e-45, 3e38, -3e38, 1.00390625, -1.00390625])])
+    hi, lo = split_fp32(x)
+    assert hi.dtype == torch.bfloat16 and lo.dtype == torch.int16
+    assert torch.equal(join_fp32(hi, lo).view(torch.int32), x.view(torch.int32))
+    # The upper half is the nearest bf16 (no worse than torch's round-to-nearest-even, which differs at ties only).
+    assert ((hi.float() - x).abs() <= (x.to(torch.bfloat16).float() - x).abs()).all()
+
+
+def test_offloaded_state_gives_the_same_master_weights(monkeypatch):
+    import moonforge.train.flat_adamw as fa
+    from moonforge.train.flat_adamw import join_fp32, split_fp32
+
+    monkeypatch.setattr(fa, "CHUNK", 1000)  # several streamed chunks per group
+    config = preset("tiny")
+    a, b = build_model(config, seed=0), build_model(config, seed=0)
+    kw = dict(lr=1e-3, weight_decay=0.1, no_decay=is_no_decay, compute_dtype=torch.bfloat16,
+              keep_fp32=lambda n: n.endswith("mlp.gate.weight"), accumulate_fp32=True, moment_dtype=torch.bfloat16)
+    plain = FlatAdamW(list(a.named_parameters()), **kw)
+    offloaded = FlatAdamW(list(b.named_parameters()), offload=0.6, **kw)
+    assert any(g.offloaded for g in offloaded.groups_flat) and not all(g.offloaded for g in offloaded.groups_flat)
+    torch.manual_seed(0)
+    for _ in range(4):
+        ids = torch.randint(0, config.vocab_size, (2, 17))
+        for model in (a, b):
+            _step(model, ids)
+            _step(model, ids)
+        for opt in (plain, offloaded):
+            opt.clip_coef.copy_((0.5 / (opt.grad_norm_squared().sqrt() + 1e-6)).clamp(max=1.0))
+            opt.step()
+            opt.zero_grad()
+    on_host = 0
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        mine, theirs = plain.state[p], offloaded.state[q]
+        if "master_low" in theirs:
+            on_host += 1
+            # Bit for bit the fp32 master weights of the plain optimizer; the parameter is its upper half.
+            assert torch.equal(join_fp32(q.detach(), theirs["master_low"]), mine["master"]), name
+            assert torch.equal(q.detach(), split_fp32(mine["master"])[0]), name
+        else:
+            assert torch.equal(theirs["master"], mine["master"]), name
+        assert torch.equal(theirs["exp_avg"], mine["exp_avg"]) and torch.equal(theirs["exp_avg_sq"],
+                                                                             mine["exp_avg_sq"]), name
+    assert on_host > 0
+
+
+def test_offloaded_state_round_trips_and_refuses_the_other_layout():
+    config = preset("tiny")
+    kw = dict(lr=1e-3, compute_dtype=torch.bfloat16, accumulate_fp32=False)
+    model = build_model(config, seed=0)
+    opt = FlatAdamW(list(model.named_parameters()), offload=1.0, **kw)
+    _step(model, torch.randint(0, config.vocab_size, (2, 17)))
+    opt.step()
+    saved = opt.state_dict()
+    saved = {"state": {i: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in s.items()}
+                       for i, s in saved["state"].items()}, "param_groups": saved["param_groups"]}
+    other = build_model(config, seed=1)
+    with torch.no_grad():  # the model's own state (bf16 parameters) is restored by the model checkpoint
+        for p, q in zip(model.parameters(), other.parameters()):
+            q.copy_(p)
+    opt2 = FlatAdamW(list(other.named_parameters()), offload=1.0, **kw)
+    opt2.load_state_dict(saved)
+    for p, q in zip(model.parameters(), other.parameters()):
+        for key in opt.state[p]:
+            assert torch.equal(torch.as_tensor(opt.state[p][key]), torch.as_tensor(opt2.state[q][key])), key
+    opt3 = FlatAdamW(list(build_model(config, seed=2).named_parameters()), **kw)
+    try:
+        opt3.load_state_dict(saved)
+    except ValueError as e:
+        assert "optimizer_offload" in str(e) and "master" in str(e)
+    else:
+        raise AssertionError("a checkpoint without fp32 master weights was accepted")
+
+
+def test_offload_refuses_state_larger_than_host_memory(monkeypatch):
+    import moonforge.train.flat_adamw as fa
+
+    monkeypatch.setattr(fa, "_available_host_memory", lambda: 1000)
+    model = build_model(preset("tiny"), seed=0)
+    try:
+        FlatAdamW(list(model.named_parameters()), lr=1e-3, compute_dtype=torch.bfloat16, offload=1.0)
+    except MemoryError as e:
+        assert "optimizer_state_dtype: bf16" in str(e)
+    else:
+        raise AssertionError("expected MemoryError")
+
+
+def test_streamed_offload_on_a_gpu_matches_the_plain_optimizer():
+    """Copy streams, staging slots and compiled kernels: the CUDA path of the host offload (skipped on CPUs)."""
+    import pytest
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    import moonforge.train.flat_adamw as fa
+    from moonforge.train.flat_adamw import join_fp32
+
+    saved_chunk, fa.CHUNK = fa.CHUNK, 4096  # many chunks, both slots reused
+    try:
+        config = preset("tiny")
+        a, b = build_model(config, seed=0, device="cuda"), build_model(config, seed=0, device="cuda")
+        kw = dict(lr=1e-3, weight_decay=0.1, compute_dtype=torch.bfloat16, accumulate_fp32=True,
+                  keep_fp32=lambda n: n.endswith("mlp.gate.weight"), moment_dtype=torch.bfloat16)
+        plain = FlatAdamW(list(a.named_parameters()), **kw)
+        offloaded = FlatAdamW(list(b.named_parameters()), offload=1.0, **kw)
+        assert all(g.exp_avg.device.type == "cpu" for g in offloaded.groups_flat if g.offloaded)
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        for _ in range(3):
+            ids = torch.randint(0, config.vocab_size, (2, 33), device="cuda", generator=gen)
+            for model, opt in ((a, plain), (b, offloaded)):
+                _step(model, ids)
+                opt.step()
+                opt.zero_grad()
+        torch.cuda.synchronize()
+        for (name, p), q in zip(a.named_parameters(), b.parameters()):
+            theirs = offloaded.state[q]
+            master = join_fp32(q.detach(), theirs["master_low"].cuda()) if "master_low" in theirs \
+                else theirs["master"]
+            ref = plain.state[p]["master"]
+            # Two compiled kernels may contract multiply-adds differently: the last bit, not more.
+            assert (master - ref).norm() <= 1e-6 * ref.norm(), name
+    finally:
+        fa.CHUNK = saved_chunk

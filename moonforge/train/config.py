@@ -89,7 +89,7 @@ class TrainConfig:
     attention_backend: str = "sdpa"
     activation_checkpointing: str = "none"
     ac_layers: int | None = None           # the seed's MP_AC_LAYERS: blocks per stage to recompute/offload
-    optimizer_offload: float = 0.0         # fraction of decoder blocks whose optimizer step runs on the CPU
+    optimizer_offload: float = 0.0         # fraction of the optimizer state kept in host memory (see docs)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     save_interval: int | None = None

@@ -45,6 +45,8 @@ class StepResult:
 
 
 class Trainer:
+    single_gpu_flat = True  # one GPU, AdamW: flat buffers (benchmarks switch it off to compare engines)
+
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.rank, self.world, self.device = init_distributed()
@@ -64,8 +66,9 @@ class Trainer:
         self.meshes = build_meshes(self.dims, self.device, replicate=cfg.parallel.data_parallel == "replicate")
         self.output_dir = Path(cfg.output_dir)
         # One GPU and mixed precision: flat buffers and a fused optimizer instead of single-rank FSDP.
-        self.flat = (self.world == 1 and self.device.type == "cuda" and cfg.precision in ("bf16", "fp16")
-                     and cfg.optimizer == "adamw" and not cfg.optimizer_offload)
+        # With optimizer_offload its state streams from host memory (bf16 only; fp16 keeps FSDP's CPU offload).
+        self.flat = (self.single_gpu_flat and self.world == 1 and self.device.type == "cuda" and cfg.precision in ("bf16", "fp16")
+                     and cfg.optimizer == "adamw" and (not cfg.optimizer_offload or cfg.precision == "bf16"))
         self.pm = self._build_model()
         if cfg.init_from and not self._resumable():
             self._load_init_weights()
@@ -121,7 +124,8 @@ class Trainer:
                          compute_dtype=torch.bfloat16 if cfg.precision == "bf16" else torch.float16,
                          keep_fp32=lambda n: cfg.router_fp32 and n.endswith("mlp.gate.weight"),
                          accumulate_fp32=self.grad_accum > 1,
-                         moment_dtype=torch.bfloat16 if cfg.optimizer_state_dtype == "bf16" else torch.float32)
+                         moment_dtype=torch.bfloat16 if cfg.optimizer_state_dtype == "bf16" else torch.float32,
+                         offload=cfg.optimizer_offload)
 
     def _resumable(self) -> bool:
         from moonforge.checkpoint.native import CheckpointManager
