@@ -37,6 +37,8 @@ if [ "$MODE" = offload ]; then  # all 27 layers on ONE H200: bf16 weights + fp32
 print('streamed offload on the GPU matches the plain optimizer')" 2>&1 | tail -2
   bench sft_27l_1xh200_offload 1 400 --layers 27 --mbs 1 --gbs 8 --seq 4096 --ac full --state-dtype bf16 \
     --offload 1.0 --compile --attention varlen --packed 8 --steps 3 --warmup 2
+  bench sft_27l_1xh200_offload_gbs32 1 400 --layers 27 --mbs 1 --gbs 32 --seq 4096 --ac full --state-dtype bf16 \
+    --offload 1.0 --compile --attention varlen --packed 8 --steps 3 --warmup 1 --no-profile
 fi
 if [ "$MODE" = muon ]; then  # 8 experts per layer: one EP 8 rank's parameters, Moonlight's FLOPs per token
   for opt in adamw muon; do

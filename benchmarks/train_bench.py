@@ -225,9 +225,16 @@ def run_moonforge(args, cfg: TrainConfig) -> dict:
     loader = trainer.train_loader if not args.packed else PackedBatches(trainer.train_loader, args.packed)
     opt_step = trainer.optimizer.step
 
-    def timed_step(*a, **k):
+    optimizer_times = []
+
+    def timed_step(*a, **k):  # synchronised around the step: its own wall time, at the cost of one bubble
+        sync()
+        t0 = time.perf_counter()
         with torch.profiler.record_function("mf.optimizer"):
-            return opt_step(*a, **k)
+            out = opt_step(*a, **k)
+        sync()
+        optimizer_times.append(time.perf_counter() - t0)
+        return out
 
     trainer.optimizer.step = timed_step
     device = trainer.device
@@ -264,6 +271,8 @@ def run_moonforge(args, cfg: TrainConfig) -> dict:
         "tflops_per_gpu": tflops, "mfu": tflops / PEAK_TFLOPS, "fraction_of_matmul_ceiling": tflops /
         MEASURED_MATMUL_TFLOPS, "peak_memory_gib": peak_memory_gib(device),
         "losses": losses, "flops_per_token": flops, "time_split_ms": split, "top_kernels_ms": top_kernels,
+        "optimizer_step_s_median": sorted(optimizer_times[args.warmup:args.warmup + args.steps])[args.steps // 2],
+        "optimizer_step_times_s": optimizer_times[args.warmup:args.warmup + args.steps],
         "layout": trainer.dims.describe(), "grad_accum": trainer.grad_accum, "setup_s": setup_s,
         "engine": "flat" if trainer.flat else "fsdp", "host_peak_rss_gib": host_peak_rss_gib(),
         "parameters": sum(p.numel() for p in trainer.pm.parameters()),

@@ -167,10 +167,11 @@ class _Layout:
 
     @property
     def matrix_mesh_dims(self) -> list[int]:
-        """Mesh dimensions that cut a matrix (its last two dims); those that cut the expert batch do not count."""
+        """Mesh dimensions that cut a matrix (its last two dims); those that cut the expert batch do not count,
+        nor do dimensions of size 1 (one rank holds the whole matrix: no redistribution)."""
         first_matrix_dim = len(self.shape) - 2
         return [i for i, pl in enumerate(self.placements)
-                if _is_shard(pl) and pl.dim % len(self.shape) >= first_matrix_dim]
+                if _is_shard(pl) and pl.dim % len(self.shape) >= first_matrix_dim and self.mesh.size(i) > 1]
 
     def stacked(self) -> tuple:
         return tuple(_shifted(pl) for pl in self.placements)
