@@ -4,6 +4,7 @@
 #   bash benchmarks/h200_suite.sh two OUTDIR    # two H200s: full 27-layer Moonlight pretraining and packed SFT
 #   bash benchmarks/h200_suite.sh offload OUTDIR  # one H200: full-model SFT, optimizer state in host memory
 #   bash benchmarks/h200_suite.sh muon OUTDIR   # one H200 holding one EP 8 rank's share: Muon vs AdamW steps
+#   bash benchmarks/h200_suite.sh muon-two OUTDIR  # two H200s, EP 2 + FSDP 2: Muon spread vs replicated (NCCL)
 # Each run writes one JSON (see benchmarks/train_bench.py); a failing run records its error and the suite goes on.
 set -u
 MODE=$1; OUT=$2; mkdir -p "$OUT"
@@ -44,5 +45,12 @@ if [ "$MODE" = muon ]; then  # 8 experts per layer: one EP 8 rank's parameters, 
   for opt in adamw muon; do
     bench muon_vs_adamw_27l_ep8share_h200_$opt 1 280 --layers 27 --experts 8 --engine fsdp --optimizer $opt \
       --mbs 1 --gbs 32 --seq 4096 --ac sel --compile --steps 3 --warmup 1 --no-profile
+  done
+fi
+if [ "$MODE" = muon-two ]; then  # same data and seed: spread and replicated Muon must give the same losses
+  COMMON="--layers 6 --mbs 1 --gbs 8 --ep 2 --seq 4096 --compile --steps 4 --warmup 1 --no-profile"
+  bench muon_6l_2xh200_ep2_adamw 2 200 $COMMON --optimizer adamw
+  for mode in spread replicated; do
+    bench muon_6l_2xh200_ep2_$mode 2 200 $COMMON --optimizer muon --set muon.distributed_mode=$mode
   done
 fi
