@@ -30,6 +30,15 @@ class AdamW(torch.optim.Optimizer):
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=self.state_dtype)
         return state
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        # torch casts loaded state to the parameter's dtype; bf16 moments must stay bf16 (memory, and the same
+        # rounding as a run that was never interrupted).
+        super().load_state_dict(state_dict)
+        for state in self.state.values():
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state and state[key].dtype != self.state_dtype:
+                    state[key] = state[key].to(self.state_dtype)
+
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
