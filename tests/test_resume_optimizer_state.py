@@ -52,4 +52,5 @@ def test_offloaded_run_resumes_exactly_and_follows_the_on_gpu_optimizer(tmp_path
     for it in range(1, STEPS + 1):
         # The same fp32 master weights, up to how two compiled kernels contract multiply-adds.
         assert abs(on_gpu[it]["loss"] - whole[it]["loss"]) <= 1e-3 * abs(whole[it]["loss"]), it
-    assert whole[STEPS]["loss"] < whole[1]["loss"]
+    # (Synthetic tokens are uniform noise: the loss does not fall. That the updates are right is
+    # test_flat_adamw.py's job, bit for bit against the on-GPU optimizer.)
