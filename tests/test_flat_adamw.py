@@ -65,11 +65,9 @@ def test_accumulating_micro_batches_in_fp32_and_bf16_parameters():
     before = model.model.embed_tokens.weight.float().clone()
     flat.step()
     assert not torch.equal(before, model.model.embed_tokens.weight.float())
-    # The bf16 parameters are the rounded fp32 master weights (ties away from zero, see split_fp32).
-    from moonforge.train.flat_adamw import split_fp32
-
+    # The bf16 parameters are the rounded fp32 master weights.
     master = flat.state[model.model.embed_tokens.weight]["master"]
-    assert torch.equal(split_fp32(master)[0], model.model.embed_tokens.weight)
+    assert torch.equal(master.to(torch.bfloat16), model.model.embed_tokens.weight)
 
 
 def test_state_dict_round_trip_keeps_flat_views():
@@ -128,41 +126,52 @@ def test_fp32_split_into_bf16_and_int16_is_exact():
     assert ((hi.float() - x).abs() <= (x.to(torch.bfloat16).float() - x).abs()).all()
 
 
-def test_offloaded_state_gives_the_same_master_weights(monkeypatch):
-    import moonforge.train.flat_adamw as fa
+def _same_gradients(source, target) -> None:
+    """Give ``target``'s parameters the gradients of ``source``'s (bf16 views of the flat gradient buffers)."""
+    for p, q in zip(source.parameters(), target.parameters()):
+        q.grad.copy_(p.grad)
+
+
+def _compare_masters(plain, offloaded, a, b) -> int:
+    """Offloaded master weights (bf16 parameter + int16 lower half) against the plain optimizer's fp32 ones, bit
+    for bit; returns how many tensors were offloaded."""
     from moonforge.train.flat_adamw import join_fp32, split_fp32
 
-    monkeypatch.setattr(fa, "CHUNK", 1000)  # several streamed chunks per group
-    config = preset("tiny")
-    a, b = build_model(config, seed=0), build_model(config, seed=0)
-    kw = dict(lr=1e-3, weight_decay=0.1, no_decay=is_no_decay, compute_dtype=torch.bfloat16,
-              keep_fp32=lambda n: n.endswith("mlp.gate.weight"), accumulate_fp32=True, moment_dtype=torch.bfloat16)
-    plain = FlatAdamW(list(a.named_parameters()), **kw)
-    offloaded = FlatAdamW(list(b.named_parameters()), offload=0.6, **kw)
-    assert any(g.offloaded for g in offloaded.groups_flat) and not all(g.offloaded for g in offloaded.groups_flat)
-    torch.manual_seed(0)
-    for _ in range(4):
-        ids = torch.randint(0, config.vocab_size, (2, 17))
-        for model in (a, b):
-            _step(model, ids)
-            _step(model, ids)
-        for opt in (plain, offloaded):
-            opt.clip_coef.copy_((0.5 / (opt.grad_norm_squared().sqrt() + 1e-6)).clamp(max=1.0))
-            opt.step()
-            opt.zero_grad()
     on_host = 0
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         mine, theirs = plain.state[p], offloaded.state[q]
         if "master_low" in theirs:
             on_host += 1
-            # Bit for bit the fp32 master weights of the plain optimizer; the parameter is its upper half.
-            assert torch.equal(join_fp32(q.detach(), theirs["master_low"]), mine["master"]), name
-            assert torch.equal(q.detach(), split_fp32(mine["master"])[0]), name
+            low = theirs["master_low"].to(q.device)
+            assert torch.equal(join_fp32(q.detach(), low), mine["master"]), name
+            assert torch.equal(q.detach(), split_fp32(mine["master"])[0]), name  # rounded to nearest
         else:
             assert torch.equal(theirs["master"], mine["master"]), name
-        assert torch.equal(theirs["exp_avg"], mine["exp_avg"]) and torch.equal(theirs["exp_avg_sq"],
-                                                                             mine["exp_avg_sq"]), name
-    assert on_host > 0
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(theirs[key].to(p.device), mine[key]), (name, key)
+    return on_host
+
+
+def test_offloaded_state_gives_the_same_master_weights(monkeypatch):
+    import moonforge.train.flat_adamw as fa
+
+    monkeypatch.setattr(fa, "CHUNK", 1000)  # several streamed chunks per group
+    config = preset("tiny")
+    a, b = build_model(config, seed=0), build_model(config, seed=0)
+    kw = dict(lr=1e-3, weight_decay=0.1, no_decay=is_no_decay, compute_dtype=torch.bfloat16,
+              keep_fp32=lambda n: n.endswith("mlp.gate.weight"), moment_dtype=torch.bfloat16)
+    plain = FlatAdamW(list(a.named_parameters()), **kw)
+    offloaded = FlatAdamW(list(b.named_parameters()), offload=0.6, **kw)
+    assert any(g.offloaded for g in offloaded.groups_flat) and not all(g.offloaded for g in offloaded.groups_flat)
+    torch.manual_seed(0)
+    for _ in range(4):
+        _step(a, torch.randint(0, config.vocab_size, (2, 17)))
+        _same_gradients(a, b)
+        for opt in (plain, offloaded):
+            opt.clip_coef.copy_((0.5 / (opt.grad_norm_squared().sqrt() + 1e-6)).clamp(max=1.0))
+            opt.step()
+            opt.zero_grad()
+    assert _compare_masters(plain, offloaded, a, b) > 0
 
 
 def test_offloaded_state_round_trips_and_refuses_the_other_layout():
@@ -219,16 +228,16 @@ def test_streamed_offload_on_a_gpu_matches_the_plain_optimizer():
     try:
         config = preset("tiny")
         a, b = build_model(config, seed=0, device="cuda"), build_model(config, seed=0, device="cuda")
-        kw = dict(lr=1e-3, weight_decay=0.1, compute_dtype=torch.bfloat16, accumulate_fp32=True,
+        kw = dict(lr=1e-3, weight_decay=0.1, compute_dtype=torch.bfloat16,
                   keep_fp32=lambda n: n.endswith("mlp.gate.weight"), moment_dtype=torch.bfloat16)
         plain = FlatAdamW(list(a.named_parameters()), **kw)
         offloaded = FlatAdamW(list(b.named_parameters()), offload=1.0, **kw)
         assert all(g.exp_avg.device.type == "cpu" for g in offloaded.groups_flat if g.offloaded)
         gen = torch.Generator(device="cuda").manual_seed(0)
         for _ in range(3):
-            ids = torch.randint(0, config.vocab_size, (2, 33), device="cuda", generator=gen)
-            for model, opt in ((a, plain), (b, offloaded)):
-                _step(model, ids)
+            _step(a, torch.randint(0, config.vocab_size, (2, 33), device="cuda", generator=gen))
+            _same_gradients(a, b)
+            for opt in (plain, offloaded):
                 opt.step()
                 opt.zero_grad()
         torch.cuda.synchronize()

@@ -229,7 +229,7 @@ def _build_group(items, dtype, wd, accumulate_fp32: bool, moment_dtype) -> _Grou
         n = p.numel()
         master[offset:offset + n].copy_(p.detach().reshape(-1))
         if master is not flat_param:
-            flat_param[offset:offset + n].copy_(_round(master[offset:offset + n], dtype))
+            flat_param[offset:offset + n].copy_(master[offset:offset + n])
         p.data = flat_param[offset:offset + n].view_as(p)  # frees the parameter's own storage
         offset += n
     return _Group(names=[n for n, _ in items], params=[p for _, p in items], weight_decay=wd,
@@ -346,12 +346,7 @@ def _update(master, exp_avg, exp_avg_sq, grad, param, clip_coef, step, lr, beta1
     exp_avg_sq.copy_(v)
     master.copy_(new)
     if param.data_ptr() != master.data_ptr():
-        param.copy_(_round(new, param.dtype))
-
-
-def _round(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """fp32 to the parameter dtype; bf16 rounds as ``split_fp32`` does, so offloaded or not, parameters agree."""
-    return split_fp32(x)[0] if dtype == torch.bfloat16 else x.to(dtype)
+        param.copy_(new)  # round to nearest even (the offloaded form rounds ties away from zero)
 
 
 def _update_split(param, low, exp_avg, exp_avg_sq, grad, clip_coef, step, lr, beta1: float, beta2: float,
