@@ -85,10 +85,13 @@ def host_peak_rss_gib() -> float:
 
 
 def commit() -> str:
+    """MOONFORGE_COMMIT when set (a copied working tree may carry a stale .git), else the checkout's HEAD."""
+    if os.environ.get("MOONFORGE_COMMIT"):
+        return os.environ["MOONFORGE_COMMIT"]
     try:
         return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True).strip()
     except Exception:
-        return os.environ.get("MOONFORGE_COMMIT", "unknown")
+        return "unknown"
 
 
 def model_dir(name: str, layers: int, tmp: Path, experts: int | None = None) -> Path:
