@@ -87,12 +87,12 @@ class FlatAdamW(torch.optim.Optimizer):
                                  **{k: v[offset:offset + n].view_as(p) for k, v in views.items()}}
                 offset += n
         self.clip_coef = torch.ones((), dtype=torch.float32, device=device)
-        self._stream_state = None
+        self._stream_state = None  # staging buffers and copy streams, made at the first offloaded step
         on_host = [g for g in self.groups_flat if g.offloaded]
         if on_host:
             host_bytes = sum(t.numel() * t.element_size() for g in on_host for t in (g.low, g.exp_avg, g.exp_avg_sq))
             logger.info("optimizer state of %.2fB parameters in host memory (%.1f GB: moments and master weights' "
-                        "lower halves)", sum(g.flat_param.numel() for g in on_host) / 1e9, host_bytes / 1e9)  # staging buffers and copy streams, made at the first offloaded step
+                        "lower halves)", sum(g.flat_param.numel() for g in on_host) / 1e9, host_bytes / 1e9)
 
     @torch.no_grad()
     def sync_from_params(self) -> None:
