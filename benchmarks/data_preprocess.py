@@ -96,6 +96,10 @@ def machine(load_at_start: list[float]) -> dict:
 
 
 def commit() -> str:
+    """MOONFORGE_COMMIT when set (a copied working tree may carry a stale .git), else the checkout's HEAD.
+    The one commit lookup of all benchmarks."""
+    if os.environ.get("MOONFORGE_COMMIT"):
+        return os.environ["MOONFORGE_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               check=True).stdout.strip()

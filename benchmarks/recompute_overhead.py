@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -62,7 +61,7 @@ def main(argv=None) -> dict:
     same = {mode: float((grads[mode] - grads["none"]).abs().max()) for mode in MODES}
     from tiny_curves import commit, machine
 
-    result = {"benchmark": "recompute_overhead", "commit": os.environ.get("MOONFORGE_COMMIT") or commit(),
+    result = {"benchmark": "recompute_overhead", "commit": commit(),
               "machine": machine(), "threads": torch.get_num_threads(), "config": vars(args),
               "median_step_s": {m: statistics.median(t) for m, t in times.items()},
               "relative_to_none": {m: statistics.median(t) / statistics.median(times["none"]) for m, t in times.items()},

@@ -97,11 +97,9 @@ def machine() -> dict:
 
 
 def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    from data_preprocess import commit as lookup
+
+    return lookup()
 
 
 def main() -> int:

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,7 +23,9 @@ import torch.distributed as dist
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from data_preprocess import commit  # noqa: E402
 from moonforge.config import preset  # noqa: E402
 from moonforge.train.config import TrainConfig  # noqa: E402
 from moonforge.train.metrics import MEASURED_MATMUL_TFLOPS, PEAK_TFLOPS  # noqa: E402
@@ -82,16 +82,6 @@ def host_peak_rss_gib() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def commit() -> str:
-    """MOONFORGE_COMMIT when set (a copied working tree may carry a stale .git), else the checkout's HEAD."""
-    if os.environ.get("MOONFORGE_COMMIT"):
-        return os.environ["MOONFORGE_COMMIT"]
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True).strip()
-    except Exception:
-        return "unknown"
 
 
 def model_dir(name: str, layers: int, tmp: Path, experts: int | None = None) -> Path:
