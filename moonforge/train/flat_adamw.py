@@ -70,8 +70,7 @@ class FlatAdamW(torch.optim.Optimizer):
         self.groups_flat: list[_Group] = []
         param_groups = []
         for (dtype, wd, on_host), items in buckets.items():
-            build = _build_offloaded_group if on_host else _build_group
-            group = build(items, dtype, wd, accumulate_fp32, moment_dtype)
+            group = _build_group(items, dtype, wd, accumulate_fp32, moment_dtype, on_host)
             self.groups_flat.append(group)
             param_groups.append({"params": group.params, "names": group.names, "weight_decay": wd})
         device = self.groups_flat[0].flat_param.device
@@ -224,42 +223,34 @@ def _offloaded_names(named_params, fraction: float, keep_fp32) -> set[str]:
     return chosen
 
 
-def _build_group(items, dtype, wd, accumulate_fp32: bool, moment_dtype) -> _Group:
+def _build_group(items, dtype, wd, accumulate_fp32: bool, moment_dtype, on_host: bool = False) -> _Group:
+    """Move ``items`` into one flat buffer (the parameters become views of it) with their optimizer state: an
+    fp32 master copy on the device, or (``on_host``) the master's lower halves and the moments in host memory."""
     device = items[0][1].device
     total = sum(p.numel() for _, p in items)
     flat_param = torch.empty(total, dtype=dtype, device=device)
-    master = torch.empty(total, dtype=torch.float32, device=device) if dtype != torch.float32 else flat_param
+    state = _host_zeros if on_host else (lambda n, dt, dev: torch.zeros(n, dtype=dt, device=dev))
+    master = low = None
+    if on_host:
+        low = _host_zeros(total, torch.int16, device)
+    else:
+        master = torch.empty(total, dtype=torch.float32, device=device) if dtype != torch.float32 else flat_param
     offset = 0
     for _, p in items:
         n = p.numel()
-        master[offset:offset + n].copy_(p.detach().reshape(-1))
-        if master is not flat_param:
-            flat_param[offset:offset + n].copy_(master[offset:offset + n])
+        if on_host:
+            hi, lo = split_fp32(p.detach().reshape(-1).float())
+            flat_param[offset:offset + n].copy_(hi)
+            low[offset:offset + n].copy_(lo)
+        else:
+            master[offset:offset + n].copy_(p.detach().reshape(-1))
+            if master is not flat_param:
+                flat_param[offset:offset + n].copy_(master[offset:offset + n])
         p.data = flat_param[offset:offset + n].view_as(p)  # frees the parameter's own storage
         offset += n
     return _Group(names=[n for n, _ in items], params=[p for _, p in items], weight_decay=wd,
                   flat_param=flat_param, master=master, grad=_attach_grads(items, flat_param, accumulate_fp32),
-                  exp_avg=torch.zeros(total, dtype=moment_dtype, device=device),
-                  exp_avg_sq=torch.zeros(total, dtype=moment_dtype, device=device))
-
-
-def _build_offloaded_group(items, dtype, wd, accumulate_fp32: bool, moment_dtype) -> _Group:
-    device = items[0][1].device
-    total = sum(p.numel() for _, p in items)
-    flat_param = torch.empty(total, dtype=dtype, device=device)
-    low = _host_zeros(total, torch.int16, device)
-    offset = 0
-    for _, p in items:
-        n = p.numel()
-        hi, lo = split_fp32(p.detach().reshape(-1).float())
-        flat_param[offset:offset + n].copy_(hi)
-        low[offset:offset + n].copy_(lo)
-        p.data = flat_param[offset:offset + n].view_as(p)
-        offset += n
-    return _Group(names=[n for n, _ in items], params=[p for _, p in items], weight_decay=wd,
-                  flat_param=flat_param, master=None, grad=_attach_grads(items, flat_param, accumulate_fp32),
-                  exp_avg=_host_zeros(total, moment_dtype, device),
-                  exp_avg_sq=_host_zeros(total, moment_dtype, device), low=low)
+                  exp_avg=state(total, moment_dtype, device), exp_avg_sq=state(total, moment_dtype, device), low=low)
 
 
 def _attach_grads(items, flat_param: torch.Tensor, accumulate_fp32: bool) -> torch.Tensor:
