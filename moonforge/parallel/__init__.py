@@ -16,7 +16,7 @@ from moonforge.model import MoE, Router, Transformer, compile_kernels
 from moonforge.parallel.checkpointing import apply_activation_checkpointing
 from moonforge.parallel.context import apply_context_parallel
 from moonforge.parallel.dims import ParallelDims
-from moonforge.parallel.expert import apply_expert_parallel, reduce_expert_grads
+from moonforge.parallel.expert import apply_expert_parallel, reduce_expert_grads, release_weight_casts
 from moonforge.parallel.fsdp import apply_fsdp
 from moonforge.parallel.mesh import Meshes, build_meshes, init_distributed
 from moonforge.parallel.pipeline import split_stages
@@ -68,7 +68,9 @@ class ParallelModel:
         return [m for part in self.parts for m in part.modules() if isinstance(m, MoE)]
 
     def reduce_gradients(self) -> None:
-        """Gradient sums FSDP does not do itself (expert weights over their data-parallel replicas)."""
+        """Gradient sums FSDP does not do itself (expert weights over their data-parallel replicas); call after
+        the last backward of a step. Also frees the step's low-precision copies of the expert weights."""
+        release_weight_casts(self.expert_params)
         reduce_expert_grads(self.expert_params, self.meshes)
 
 
@@ -76,7 +78,7 @@ def parallelize(model: Transformer, meshes: Meshes, *, param_dtype: torch.dtype 
                 reduce_dtype: torch.dtype = torch.float32, use_fsdp: bool = True, replicate: bool = False,
                 reshard_after_forward: bool = True, activation_checkpointing: str = "none",
                 ac_layers: int | None = None, compile: bool = False, attention_backend: str = "sdpa",
-                offload_fraction: float = 0.0) -> ParallelModel:
+                offload_fraction: float = 0.0, ep_dispatcher: str = "alltoall") -> ParallelModel:
     """Parallelise a model built on the meta device; materialise with ``materialize`` afterwards."""
     dims = meshes.dims
     if dims.pp > 1:
@@ -91,7 +93,7 @@ def parallelize(model: Transformer, meshes: Meshes, *, param_dtype: torch.dtype 
         part.attn_backend = attention_backend
         if dims.tp > 1:
             apply_tensor_parallel(part, meshes)
-        pm.expert_params += apply_expert_parallel([part], meshes)
+        pm.expert_params += apply_expert_parallel([part], meshes, ep_dispatcher)
         if dims.cp > 1:
             apply_context_parallel(part, meshes.group("cp"))
         if sequence_split:

@@ -1,10 +1,23 @@
 """Expert parallelism: routed experts split over EP ranks (whole experts) and ETP ranks (slices of each expert's
-intermediate dimension), with an all-to-all token dispatcher.
+intermediate dimension), with one of two token dispatchers.
 
-Every rank of a pipeline stage enters the MoE with its own, distinct tokens. One MoE layer then does:
+Every rank of a pipeline stage enters the MoE with its own, distinct tokens. One MoE layer then does, with the
+``alltoall`` dispatcher:
 
     ETP all-gather tokens and routing  ->  sort by expert  ->  EP all-to-all (dispatch)  ->  grouped GEMMs on the
     local experts' slices  ->  EP all-to-all (combine)  ->  weight and sum the k outputs  ->  ETP reduce-scatter
+
+and with the ``allgather`` dispatcher:
+
+    ETP and EP all-gather tokens and routing  ->  keep the (token, slot) pairs routed to local experts  ->
+    grouped GEMMs  ->  weight and sum them per token  ->  EP and ETP reduce-scatter
+
+Per rank and direction the all-to-all moves about T*k*(EP-1)/EP rows of a layer's T tokens and k slots, the
+all-gather T*(EP-1): the all-gather sends less while EP < k (Moonlight: k = 6), with static shapes. Its cost is
+memory, the gathered tokens and an EP*T*k-row combine buffer, which grows with EP.
+
+Routed expert weights are fp32 masters; each step casts them to the compute dtype once, not per micro-batch
+(``_cast_once``), and their bf16 gradients are added straight into the fp32 ``.grad``.
 
 Expert weights become DTensors on the (ep, etp) mesh with placements (Shard(0), Shard(2)): global shapes stay
 [E, 2, I, H] / [E, H, I], so checkpoints do not depend on the layout. Replicas across EDP get their gradients
@@ -23,8 +36,13 @@ from moonforge.parallel.comm import all_gather, all_to_all, reduce_scatter
 from moonforge.parallel.mesh import Meshes
 
 
-def apply_expert_parallel(parts: list[nn.Module], meshes: Meshes) -> list[nn.Parameter]:
+DISPATCHERS = ("alltoall", "allgather")
+
+
+def apply_expert_parallel(parts: list[nn.Module], meshes: Meshes, dispatcher: str = "alltoall") -> list[nn.Parameter]:
     """Shard every MoE's routed experts over (EP, ETP); returns the expert parameters (FSDP must ignore them)."""
+    if dispatcher not in DISPATCHERS:
+        raise ValueError(f"unknown expert dispatcher {dispatcher!r}; choose one of {', '.join(DISPATCHERS)}")
     dims = meshes.dims
     params: list[nn.Parameter] = []
     if dims.ep * dims.etp == 1:
@@ -43,7 +61,7 @@ def apply_expert_parallel(parts: list[nn.Module], meshes: Meshes) -> list[nn.Par
                 new = nn.Parameter(dt, requires_grad=param.requires_grad)
                 setattr(experts, name, new)
                 params.append(new)
-            experts.forward = _ParallelExperts(experts, meshes).forward
+            experts.forward = _ParallelExperts(experts, meshes, dispatcher).forward
     return params
 
 
@@ -57,8 +75,10 @@ def _local_shape(shape, mesh, placements) -> tuple[int, ...]:
 class _ParallelExperts:
     """Replacement forward for a GroupedExperts whose weights are (EP, ETP)-sharded DTensors."""
 
-    def __init__(self, experts: GroupedExperts, meshes: Meshes):
+    def __init__(self, experts: GroupedExperts, meshes: Meshes, dispatcher: str):
         self.experts = experts
+        self.dispatcher = dispatcher if meshes.dims.ep > 1 else "alltoall"  # EP 1: nothing to dispatch
+        self.ep_rank = meshes.coordinate("ep")
         self.ep_group = meshes.group("ep")
         self.etp_group = meshes.group("etp")
         self.ep = meshes.dims.ep
@@ -66,12 +86,21 @@ class _ParallelExperts:
         self.n_experts = experts.gate_up_proj.shape[0]
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        gate_up = self.experts.gate_up_proj.to_local()
-        down = self.experts.down_proj.to_local()
+        gate_up = _cast_once(self.experts.gate_up_proj, x.dtype)
+        down = _cast_once(self.experts.down_proj, x.dtype)
         if self.etp > 1:
             x = all_gather(x, self.etp_group)
             weights = all_gather(weights, self.etp_group)
             indices = _all_gather_no_grad(indices, self.etp_group)
+        if self.dispatcher == "allgather":
+            out = self._gather_compute_scatter(x, weights, indices, gate_up, down)
+        else:
+            out = self._sort_and_exchange(x, weights, indices, gate_up, down)
+        if self.etp > 1:
+            out = reduce_scatter(out, self.etp_group)
+        return out
+
+    def _sort_and_exchange(self, x, weights, indices, gate_up, down) -> torch.Tensor:
         top_k = indices.shape[1]
         order, counts = sort_by_expert(indices, self.n_experts)
         routed = x[order // top_k]
@@ -79,10 +108,22 @@ class _ParallelExperts:
             h = self._dispatch_compute_combine(routed, counts, gate_up, down)
         else:
             h = expert_ffn(routed, gate_up, down, counts)
-        out = KERNELS.combine(h, order, weights)
-        if self.etp > 1:
-            out = reduce_scatter(out, self.etp_group)
-        return out
+        return KERNELS.combine(h, order, weights)
+
+    def _gather_compute_scatter(self, x, weights, indices, gate_up, down) -> torch.Tensor:
+        local_experts = self.n_experts // self.ep
+        x = all_gather(x, self.ep_group)
+        weights = all_gather(weights, self.ep_group)
+        indices = _all_gather_no_grad(indices, self.ep_group)
+        top_k = indices.shape[1]
+        # Slots routed elsewhere get the key local_experts and sort last; their rows of the combine are zero.
+        key = indices - self.ep_rank * local_experts
+        key = torch.where((key >= 0) & (key < local_experts), key, local_experts)
+        order, counts = sort_by_expert(key, local_experts + 1)
+        n_local = key.numel() - int(counts[-1])  # one host sync per layer
+        h = expert_ffn(x[order[:n_local] // top_k], gate_up, down, counts[:-1])
+        h = torch.cat([h, h.new_zeros(key.numel() - n_local, h.shape[1])])
+        return reduce_scatter(KERNELS.combine(h, order, weights), self.ep_group)
 
     def _dispatch_compute_combine(self, routed: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor,
                                   down: torch.Tensor) -> torch.Tensor:
@@ -101,6 +142,52 @@ class _ParallelExperts:
         h = expert_ffn(received[by_expert], gate_up, down, recv.sum(0))
         h = torch.empty_like(h).index_copy_(0, by_expert, h)
         return all_to_all(h, send_splits, recv_splits, self.ep_group)
+
+
+def _cast_once(param: nn.Parameter, dtype: torch.dtype) -> torch.Tensor:
+    """The local shard of an fp32 expert weight in ``dtype``, cast once per optimizer step.
+
+    The copy is kept on the parameter until its value changes (the optimizer's in-place update bumps the
+    version counter) or ``release_weight_casts`` drops it. In the backward the low-precision gradient is added
+    straight into the fp32 ``param.grad``: one pass instead of a cast, a temporary and an accumulation per
+    micro-batch.
+    """
+    local = param.to_local() if isinstance(param, DTensor) else param
+    if local.dtype == dtype or not param.requires_grad or not torch.is_grad_enabled():
+        return local.to(dtype)
+    cache = getattr(param, "_moonforge_cast", None)
+    key = (dtype, local.data_ptr(), local._version)
+    if cache is None or cache[0] != key:
+        cache = (key, local.detach().to(dtype))
+        param._moonforge_cast = cache
+    return _AccumulateInto.apply(local, cache[1], param)
+
+
+class _AccumulateInto(torch.autograd.Function):
+    """Identity on a cached low-precision copy of ``master``; the backward adds the gradient into param.grad."""
+
+    @staticmethod
+    def forward(ctx, master, low, param):
+        ctx.param = param
+        return low.view_as(low)
+
+    @staticmethod
+    def backward(ctx, grad):
+        param = ctx.param
+        if param.grad is None:
+            local = grad.float() if grad.dtype != torch.float32 else grad.clone()
+            param.grad = (DTensor.from_local(local.contiguous(), param.device_mesh, param.placements, run_check=False)
+                          if isinstance(param, DTensor) else local.contiguous())
+        else:
+            (param.grad.to_local() if isinstance(param.grad, DTensor) else param.grad).add_(grad)
+        return None, None, None
+
+
+def release_weight_casts(params: list[nn.Parameter]) -> None:
+    """Free the cached low-precision copies (before the optimizer step: they would be stale after it)."""
+    for p in params:
+        if hasattr(p, "_moonforge_cast"):
+            del p._moonforge_cast
 
 
 def _all_gather_no_grad(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:

@@ -35,6 +35,7 @@ class ParallelConfig:
     vp_layers: int | None = None           # the seed's MP_VP (layers per virtual pipeline stage)
     data_parallel: str = "fsdp"            # fsdp (the seed's DO=true) | replicate (DO=false)
     reshard_after_forward: bool = True
+    ep_dispatcher: str = "alltoall"        # alltoall | allgather (less traffic while EP < top-k; more memory)
 
 
 @dataclass
@@ -163,6 +164,7 @@ class TrainConfig:
         _choice(self.data.type, DATA_TYPES, "data.type", fail)
         _choice(self.lr_decay_style, DECAY_STYLES, "lr_decay_style", fail)
         _choice(self.parallel.data_parallel, ("fsdp", "replicate"), "parallel.data_parallel", fail)
+        _choice(self.parallel.ep_dispatcher, ("alltoall", "allgather"), "parallel.ep_dispatcher", fail)
         _choice(self.optimizer_state_dtype, ("fp32", "bf16"), "optimizer_state_dtype", fail)
         _choice(self.muon.router_optimizer, OPTIMIZERS, "muon.router_optimizer", fail)
         _choice(self.muon.ns_dtype, ("bf16", "fp32"), "muon.ns_dtype", fail)
