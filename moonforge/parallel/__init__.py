@@ -67,6 +67,16 @@ class ParallelModel:
     def moe_layers(self) -> list[MoE]:
         return [m for part in self.parts for m in part.modules() if isinstance(m, MoE)]
 
+    def set_gradient_sync(self, sync: bool) -> None:
+        """Whether the next backward reduce-scatters FSDP gradients and reshards the weights. Off for all but a
+        step's last micro-batch: gradients accumulate unsharded (in the reduce dtype) and the weights stay
+        gathered, so each step gathers and reduces once instead of once per micro-batch."""
+        for module in self.fsdp_modules:
+            if isinstance(module, list):
+                module = module[0]
+            module.set_requires_gradient_sync(sync, recurse=False)
+            module.set_reshard_after_backward(sync, recurse=False)
+
     def reduce_gradients(self) -> None:
         """Gradient sums FSDP does not do itself (expert weights over their data-parallel replicas); call after
         the last backward of a step. Also frees the step's low-precision copies of the expert weights."""

@@ -58,6 +58,9 @@ class Trainer:
             raise ConfigError(f"global_batch_size ({cfg.global_batch_size}) must be a multiple of micro_batch_size x "
                               f"data-parallel size ({mbs} x {dp} = {mbs * dp})")
         self.grad_accum = cfg.global_batch_size // (mbs * dp)
+        if cfg.parallel.defer_grad_sync and self.dims.pp > 1:
+            raise ConfigError("parallel.defer_grad_sync needs pp 1: the pipeline schedule drives FSDP's gradient "
+                              "synchronisation itself")
         if self.dims.pp > 1 and self.dims.vp_layers and self.grad_accum % self.dims.pp:
             raise ConfigError(f"interleaved pipeline (vp_layers) needs gradient-accumulation steps "
                               f"({self.grad_accum}) divisible by PP ({self.dims.pp})")
@@ -233,7 +236,10 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         if self.pp_schedule is None:
             part = pm.parts[0]
-            for batch in micro_batches:
+            defer = self.cfg.parallel.defer_grad_sync
+            for i, batch in enumerate(micro_batches):
+                if defer:
+                    pm.set_gradient_sync(i == len(micro_batches) - 1)
                 inp = self._prepare(batch)
                 loss = part(inp.pop("tokens"), **inp) / self._global_tokens
                 (loss * self.loss_scale).backward()
