@@ -4,6 +4,7 @@
 #   bash benchmarks/h200_suite.sh two OUTDIR    # two H200s: full 27-layer Moonlight pretraining and packed SFT
 #   bash benchmarks/h200_suite.sh two-c OUTDIR  # two H200s: all-gather dispatcher, deferred gradient sync
 #   bash benchmarks/h200_suite.sh two-d OUTDIR  # two H200s: all-to-all, deferred gradient sync, partial recomputation
+#   bash benchmarks/h200_suite.sh two-e OUTDIR  # two H200s: both dispatchers on one lease, with a machine probe
 #   bash benchmarks/h200_suite.sh offload OUTDIR  # one H200: full-model SFT, optimizer state in host memory
 #   bash benchmarks/h200_suite.sh muon OUTDIR   # one H200 holding one EP 8 rank's share: Muon vs AdamW steps
 #   bash benchmarks/h200_suite.sh muon-two OUTDIR  # two H200s, EP 2 + FSDP 2: Muon spread vs replicated (NCCL)
@@ -55,6 +56,16 @@ if [ "$MODE" = two-d ]; then  # the all-to-all dispatcher with expert casts once
     --ac-layers 17 --attention varlen --packed 8 $COMMON --set parallel.defer_grad_sync=true
   bench sft_packed_8k_27l_2xh200_ep2_ac15_defer 2 150 --layers 27 --mbs 1 --gbs 8 --ep 2 --seq 8192 --ac full \
     --ac-layers 15 --attention varlen --packed 8 $COMMON --set parallel.defer_grad_sync=true
+fi
+if [ "$MODE" = two-e ]; then  # both dispatchers on one lease, with its matmul/copy/NCCL probe
+  COMMON="--steps 5 --warmup 3 --state-dtype bf16 --compile --set parallel.reshard_after_forward=false \
+    --set parallel.defer_grad_sync=true"
+  for d in alltoall allgather; do
+    bench train_27l_2xh200_ep2_defer_$d 2 110 --layers 27 --mbs 1 --gbs 8 --ep 2 --seq 4096 --ac none $COMMON \
+      --set parallel.ep_dispatcher=$d
+    bench sft_packed_8k_27l_2xh200_ep2_ac17_defer_$d 2 110 --layers 27 --mbs 1 --gbs 8 --ep 2 --seq 8192 \
+      --ac full --ac-layers 17 --attention varlen --packed 8 $COMMON --set parallel.ep_dispatcher=$d
+  done
 fi
 if [ "$MODE" = offload ]; then  # all 27 layers on ONE H200: bf16 weights + fp32 gradients on the GPU
   python3 -c "import tests.test_flat_adamw as t; t.test_streamed_offload_on_a_gpu_matches_the_plain_optimizer(); \

@@ -84,6 +84,43 @@ def host_peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def machine_probe(device: torch.device, world: int) -> dict | None:
+    """How fast this machine is right now: bf16 matmul, memory copy and (several GPUs) NCCL bandwidth.
+
+    Lent GPUs differ from lease to lease; these numbers make runs on different leases comparable.
+    """
+    if device.type != "cuda":
+        return None
+
+    def timed(fn, reps=10):
+        fn()
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        sync()
+        return (time.perf_counter() - t0) / reps
+
+    n = 8192
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    probe = {"matmul_bf16_tflops": 2 * n ** 3 / timed(lambda: a @ a) / 1e12}
+    buf = torch.empty(2 ** 28, device=device, dtype=torch.float32)  # 1 GiB
+    dst = torch.empty_like(buf)
+    probe["copy_gb_s"] = 2 * buf.numel() * 4 / timed(lambda: dst.copy_(buf)) / 1e9  # read + write
+    buf = dst = None
+    if world > 1:
+        x = torch.empty(2 ** 25, device=device, dtype=torch.bfloat16)  # 64 MiB
+        y = torch.empty_like(x)
+        probe["all_to_all_64mib_gb_s_leaving"] = (x.numel() * 2 * (world - 1) / world
+                                                  / timed(lambda: dist.all_to_all_single(y, x)) / 1e9)
+        g = torch.empty(world * x.numel(), device=device, dtype=torch.bfloat16)
+        probe["all_gather_64mib_gb_s"] = x.numel() * 2 * (world - 1) / timed(
+            lambda: dist.all_gather_into_tensor(g, x)) / 1e9
+        x = y = g = None
+    torch.cuda.empty_cache()
+    return {k: round(v, 1) for k, v in probe.items()}
+
+
 def model_dir(name: str, layers: int, tmp: Path, experts: int | None = None) -> Path:
     config = preset(name).replace(num_hidden_layers=layers)
     if experts:
@@ -215,6 +252,7 @@ def run_moonforge(args, cfg: TrainConfig) -> dict:
     t0 = time.perf_counter()
     trainer = Trainer(cfg)
     setup_s = time.perf_counter() - t0
+    probe = machine_probe(trainer.device, trainer.world)
     loader = trainer.train_loader if not args.packed else PackedBatches(trainer.train_loader, args.packed)
     opt_step = trainer.optimizer.step
 
@@ -268,7 +306,7 @@ def run_moonforge(args, cfg: TrainConfig) -> dict:
         "optimizer_step_times_s": optimizer_times[args.warmup:args.warmup + args.steps],
         "layout": trainer.dims.describe(), "grad_accum": trainer.grad_accum, "setup_s": setup_s,
         "engine": "flat" if trainer.flat else "fsdp", "host_peak_rss_gib": host_peak_rss_gib(),
-        "parameters": sum(p.numel() for p in trainer.pm.parameters()),
+        "parameters": sum(p.numel() for p in trainer.pm.parameters()), "machine_probe": probe,
     }
     del trainer, loader
     import gc

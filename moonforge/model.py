@@ -378,6 +378,11 @@ def expert_ffn(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, count
     return torch._grouped_mm(h, down.to(dtype).transpose(1, 2), offs=offs)
 
 
+def accumulate(total: torch.Tensor, grad: torch.Tensor) -> None:
+    """``total += grad`` for an fp32 gradient and a low-precision one (fused: vectorised loads on GPUs)."""
+    total.add_(grad)
+
+
 def combine(h: torch.Tensor, order: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Weighted sum over each token's k expert outputs; h [T*k, H] in expert order. Deterministic (no atomics)."""
     n_tokens, top_k = weights.shape
@@ -653,14 +658,16 @@ class _Kernels:
 
     def reset(self) -> None:
         self.rms_norm, self.swiglu, self.apply_rope, self.combine = rms_norm, swiglu, apply_rope, combine
+        self.accumulate = accumulate
 
 
 KERNELS = _Kernels()
 
 
 def compile_kernels() -> None:
-    """Fuse the element-wise islands (norms, RoPE, SwiGLU, the weighted expert combine) with torch.compile."""
-    for name in ("rms_norm", "swiglu", "apply_rope", "combine"):
+    """Fuse the element-wise islands (norms, RoPE, SwiGLU, the weighted expert combine, mixed-precision gradient
+    accumulation) with torch.compile."""
+    for name in ("rms_norm", "swiglu", "apply_rope", "combine", "accumulate"):
         setattr(KERNELS, name, torch.compile(globals()[name]))  # shapes that vary become dynamic
 
 

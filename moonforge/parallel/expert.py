@@ -179,7 +179,7 @@ class _AccumulateInto(torch.autograd.Function):
             param.grad = (DTensor.from_local(local.contiguous(), param.device_mesh, param.placements, run_check=False)
                           if isinstance(param, DTensor) else local.contiguous())
         else:
-            (param.grad.to_local() if isinstance(param.grad, DTensor) else param.grad).add_(grad)
+            KERNELS.accumulate(param.grad.to_local() if isinstance(param.grad, DTensor) else param.grad, grad)
         return None, None, None
 
 
