@@ -6,6 +6,7 @@
 #   bash benchmarks/h200_suite.sh two-d OUTDIR  # two H200s: all-to-all, deferred gradient sync, partial recomputation
 #   bash benchmarks/h200_suite.sh two-e OUTDIR  # two H200s: both dispatchers on one lease, with a machine probe
 #   bash benchmarks/h200_suite.sh offload OUTDIR  # one H200: full-model SFT, optimizer state in host memory
+#   bash benchmarks/h200_suite.sh offload-b OUTDIR  # one H200: full-model SFT with less recomputation
 #   bash benchmarks/h200_suite.sh muon OUTDIR   # one H200 holding one EP 8 rank's share: Muon vs AdamW steps
 #   bash benchmarks/h200_suite.sh muon-two OUTDIR  # two H200s, EP 2 + FSDP 2: Muon spread vs replicated (NCCL)
 # Each run writes one JSON (see benchmarks/train_bench.py); a failing run records its error and the suite goes on.
@@ -74,6 +75,13 @@ print('streamed offload on the GPU matches the plain optimizer')" 2>&1 | tail -2
     --offload 1.0 --compile --attention varlen --packed 8 --steps 3 --warmup 2
   bench sft_27l_1xh200_offload_gbs32 1 400 --layers 27 --mbs 1 --gbs 32 --seq 4096 --ac full --state-dtype bf16 \
     --offload 1.0 --compile --attention varlen --packed 8 --steps 3 --warmup 1 --no-profile
+fi
+if [ "$MODE" = offload-b ]; then  # the same with less or no recomputation: the GPU has room for activations
+  for ac in none 6; do
+    bench sft_27l_1xh200_offload_gbs32_ac$ac 1 130 --layers 27 --mbs 1 --gbs 32 --seq 4096 --state-dtype bf16 \
+      --offload 1.0 --compile --attention varlen --packed 8 --steps 2 --warmup 1 --no-profile \
+      $([ $ac = none ] && echo "--ac none" || echo "--ac full --ac-layers $ac")
+  done
 fi
 if [ "$MODE" = muon ]; then  # 8 experts per layer: one EP 8 rank's parameters, Moonlight's FLOPs per token
   for opt in adamw muon; do
