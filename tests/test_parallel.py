@@ -59,8 +59,9 @@ LAYOUTS = {
     "tp2_x_ep2": (4, {"parallel": {"tp": 2, "sp": True, "ep": 2}}),
     "pp2_x_dp2": (4, {"parallel": {"pp": 2, "pp0_layers": 1}}),
     "ep2_x_etp2": (4, {"parallel": {"ep": 2, "etp": 2}}),
-    "fsdp2_deferred_sync": (2, {"parallel": {"defer_grad_sync": True}}),
-    "ep2_deferred_sync": (2, {"parallel": {"ep": 2, "defer_grad_sync": True}}),
+    # Gradients reduced after every micro-batch (the default defers the reduction to the last one).
+    "fsdp2_sync_each_micro_batch": (2, {"parallel": {"defer_grad_sync": False}}),
+    "ep2_sync_each_micro_batch": (2, {"parallel": {"ep": 2, "defer_grad_sync": False}}),
     "ep2_allgather": (2, {"parallel": {"ep": 2, "ep_dispatcher": "allgather"}}),
     "ep2_x_etp2_allgather": (4, {"parallel": {"ep": 2, "etp": 2, "ep_dispatcher": "allgather"}}),
 }

@@ -36,7 +36,9 @@ class ParallelConfig:
     data_parallel: str = "fsdp"            # fsdp (the seed's DO=true) | replicate (DO=false)
     reshard_after_forward: bool = True
     ep_dispatcher: str = "alltoall"        # alltoall | allgather (less traffic while EP < top-k; more memory)
-    defer_grad_sync: bool = False          # FSDP: one reduce-scatter per step, weights kept gathered in between
+    # FSDP: one gradient reduction per step, weights kept gathered in between; default: on when several ranks
+    # train with pp 1 and no optimizer offload
+    defer_grad_sync: bool | None = None
 
 
 @dataclass

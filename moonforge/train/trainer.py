@@ -58,7 +58,10 @@ class Trainer:
             raise ConfigError(f"global_batch_size ({cfg.global_batch_size}) must be a multiple of micro_batch_size x "
                               f"data-parallel size ({mbs} x {dp} = {mbs * dp})")
         self.grad_accum = cfg.global_batch_size // (mbs * dp)
-        if cfg.parallel.defer_grad_sync and self.dims.pp > 1:
+        self.defer_grad_sync = cfg.parallel.defer_grad_sync
+        if self.defer_grad_sync is None:
+            self.defer_grad_sync = self.world > 1 and self.dims.pp == 1 and not cfg.optimizer_offload
+        if self.defer_grad_sync and self.dims.pp > 1:
             raise ConfigError("parallel.defer_grad_sync needs pp 1: the pipeline schedule drives FSDP's gradient "
                               "synchronisation itself")
         if self.dims.pp > 1 and self.dims.vp_layers and self.grad_accum % self.dims.pp:
@@ -236,9 +239,8 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         if self.pp_schedule is None:
             part = pm.parts[0]
-            defer = self.cfg.parallel.defer_grad_sync
             for i, batch in enumerate(micro_batches):
-                if defer:
+                if self.defer_grad_sync:
                     pm.set_gradient_sync(i == len(micro_batches) - 1)
                 inp = self._prepare(batch)
                 loss = part(inp.pop("tokens"), **inp) / self._global_tokens
