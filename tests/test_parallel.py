@@ -62,6 +62,8 @@ LAYOUTS = {
     # Gradients reduced after every micro-batch (the default defers the reduction to the last one).
     "fsdp2_sync_each_micro_batch": (2, {"parallel": {"defer_grad_sync": False}}),
     "ep2_sync_each_micro_batch": (2, {"parallel": {"ep": 2, "defer_grad_sync": False}}),
+    # Selective recomputation must find FSDP's weights as the forward left them, micro-batch after micro-batch.
+    "ep2_selective_recompute": (2, {"activation_checkpointing": "sel", "parallel": {"ep": 2}}),
     "ep2_allgather": (2, {"parallel": {"ep": 2, "ep_dispatcher": "allgather"}}),
     "ep2_x_etp2_allgather": (4, {"parallel": {"ep": 2, "etp": 2, "ep_dispatcher": "allgather"}}),
 }

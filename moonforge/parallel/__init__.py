@@ -17,7 +17,7 @@ from moonforge.parallel.checkpointing import apply_activation_checkpointing
 from moonforge.parallel.context import apply_context_parallel
 from moonforge.parallel.dims import ParallelDims
 from moonforge.parallel.expert import apply_expert_parallel, reduce_expert_grads, release_weight_casts
-from moonforge.parallel.fsdp import apply_fsdp
+from moonforge.parallel.fsdp import apply_fsdp, state_module
 from moonforge.parallel.mesh import Meshes, build_meshes, init_distributed
 from moonforge.parallel.pipeline import split_stages
 from moonforge.parallel.tensor import apply_tensor_parallel
@@ -70,12 +70,19 @@ class ParallelModel:
     def set_gradient_sync(self, sync: bool) -> None:
         """Whether the next backward reduce-scatters FSDP gradients and reshards the weights. Off for all but a
         step's last micro-batch: gradients accumulate unsharded (in the reduce dtype) and the weights stay
-        gathered, so each step gathers and reduces once instead of once per micro-batch."""
+        gathered from the step's first forward to its last backward, so each step gathers and reduces once
+        instead of once per micro-batch. Recomputation then finds the weights as the forward did (selective
+        recomputation requires it). ``end_gradient_sync_step`` restores the configured resharding."""
         for module in self.fsdp_modules:
-            if isinstance(module, list):
-                module = module[0]
+            module = state_module(module)
             module.set_requires_gradient_sync(sync, recurse=False)
             module.set_reshard_after_backward(sync, recurse=False)
+            module.set_reshard_after_forward(False, recurse=False)
+
+    def end_gradient_sync_step(self) -> None:
+        for module in self.fsdp_modules:
+            module = state_module(module)
+            module.set_reshard_after_forward(module.configured_reshard_after_forward, recurse=False)
 
     def reduce_gradients(self) -> None:
         """Gradient sums FSDP does not do itself (expert weights over their data-parallel replicas); call after

@@ -48,12 +48,18 @@ def apply_fsdp(part: Transformer, meshes: Meshes, *, param_dtype: torch.dtype, r
                                ignored_params=ignored_params))
     for module in wrapped:
         _sum_gradients(module)
+    for module in wrapped[:-1]:
+        state_module(module).configured_reshard_after_forward = reshard_after_forward
+    state_module(wrapped[-1]).configured_reshard_after_forward = False
     return wrapped
 
 
+def state_module(module):
+    return module[0] if isinstance(module, list) else module  # modules sharded together share one FSDP state
+
+
 def _sum_gradients(module) -> None:
-    if isinstance(module, list):  # modules sharded together share one FSDP state
-        module = module[0]
+    module = state_module(module)
     module.set_gradient_divide_factor(1.0)
     # A plain sum needs no pre-multiplied reduction (which gloo lacks and NCCL cannot do zero-copy).
     module.set_force_sum_reduction_for_comms(True)

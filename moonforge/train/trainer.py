@@ -246,6 +246,8 @@ class Trainer:
                 loss = part(inp.pop("tokens"), **inp) / self._global_tokens
                 (loss * self.loss_scale).backward()
                 loss_sum += loss.detach().double()
+            if self.defer_grad_sync:
+                pm.end_gradient_sync_step()
         else:
             loss_sum += self._pipeline_forward_backward(micro_batches)
         pm.reduce_gradients()
