@@ -65,6 +65,7 @@ LAYOUTS = {
     # Selective recomputation must find FSDP's weights as the forward left them, micro-batch after micro-batch.
     "ep2_selective_recompute": (2, {"activation_checkpointing": "sel", "parallel": {"ep": 2}}),
     "ep2_allgather": (2, {"parallel": {"ep": 2, "ep_dispatcher": "allgather"}}),
+    "tp2_x_ep2_allgather": (4, {"parallel": {"tp": 2, "sp": True, "ep": 2, "ep_dispatcher": "allgather"}}),
     "ep2_x_etp2_allgather": (4, {"parallel": {"ep": 2, "etp": 2, "ep_dispatcher": "allgather"}}),
 }
 MUON = {"optimizer": "muon", "muon": {"ns_dtype": "fp32"}}
