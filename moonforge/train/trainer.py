@@ -350,9 +350,10 @@ class Trainer:
         cfg = self.cfg
         tokens_per_iter = cfg.global_batch_size * cfg.seq_len
         flops_per_token = self.model_config.flops_per_token(cfg.seq_len)
-        logger.info("training %s: %d iterations, GBS %d (MBS %d x DP %d x %d accumulation), seq %d, layout %s",
+        logger.info("training %s: %d iterations, GBS %d (MBS %d x DP %d x %d accumulation), seq %d, layout %s%s",
                     "SFT" if cfg.sft else "pretraining", self.train_iters, cfg.global_batch_size,
-                    cfg.micro_batch_size, self.dims.dp, self.grad_accum, cfg.seq_len, self.dims.describe())
+                    cfg.micro_batch_size, self.dims.dp, self.grad_accum, cfg.seq_len, self.dims.describe(),
+                    ", gradients reduced once per step" if self.defer_grad_sync and self.grad_accum > 1 else "")
         try:
             while self.iteration < self.train_iters:
                 lr = self.schedule.lr_at(self.iteration)
