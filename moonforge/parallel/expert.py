@@ -174,10 +174,10 @@ class _AccumulateInto(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         param = ctx.param
-        if param.grad is None:
-            local = grad.float() if grad.dtype != torch.float32 else grad.clone()
-            param.grad = (DTensor.from_local(local.contiguous(), param.device_mesh, param.placements, run_check=False)
-                          if isinstance(param, DTensor) else local.contiguous())
+        if param.grad is None:  # the gradient in the master's dtype (always a copy: ``low`` has another dtype)
+            local = grad.to(param.dtype).contiguous()
+            param.grad = (DTensor.from_local(local, param.device_mesh, param.placements, run_check=False)
+                          if isinstance(param, DTensor) else local)
         else:
             KERNELS.accumulate(param.grad.to_local() if isinstance(param.grad, DTensor) else param.grad, grad)
         return None, None, None
