@@ -171,6 +171,37 @@ class PackedBatches:
         return batch
 
 
+def device_activity(prof, wall_ms: float) -> dict:
+    """One rank's profiled step: wall time, time with any kernel running (busy), time with only NCCL kernels
+    running (communication not hidden, including waiting for the peer), and idle time (the host was behind).
+    """
+    from torch.autograd import DeviceType
+
+    spans, compute = [], []
+    for evt in prof.events():
+        if evt.device_type == DeviceType.CUDA:
+            span = (evt.time_range.start, evt.time_range.end)
+            spans.append(span)
+            if "nccl" not in evt.name.lower():
+                compute.append(span)
+    busy, compute_busy = _covered_us(spans) / 1000, _covered_us(compute) / 1000
+    return {"wall_ms": round(wall_ms, 1), "busy_ms": round(busy, 1), "compute_busy_ms": round(compute_busy, 1),
+            "nccl_only_ms": round(busy - compute_busy, 1), "idle_ms": round(max(wall_ms - busy, 0.0), 1)}
+
+
+def _covered_us(spans: list[tuple[float, float]]) -> float:
+    """Length of the union of [start, end) intervals."""
+    total, last = 0.0, None
+    for start, end in sorted(spans):
+        if last is None or start > last:
+            total += end - start
+            last = end
+        elif end > last:
+            total += end - last
+            last = end
+    return total
+
+
 def time_split(prof) -> dict:
     """Device time (ms) per category, attributing each kernel to the op that launched it."""
     categories = {k: 0.0 for k in ("attention", "experts", "dispatch_combine", "router", "lm_head_loss",
@@ -279,19 +310,29 @@ def run_moonforge(args, cfg: TrainConfig) -> dict:
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
             losses.append(result.loss)
-    split, top_kernels = None, None
+    split = top_kernels = top_ops_by_shape = ranks = None
+    world = trainer.world
     if not args.no_profile:
         micro = [loader.next_batch() for _ in range(trainer.grad_accum)]
         from torch.profiler import ProfilerActivity, profile
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-        with profile(activities=activities) as prof:
+        with profile(activities=activities, record_shapes=True) as prof:
+            t0 = time.perf_counter()
             trainer.train_step(micro)
             sync()
+            wall_ms = (time.perf_counter() - t0) * 1000
         split = time_split(prof)
         top_kernels = [(e.key, round(e.self_device_time_total / 1000, 3))
                        for e in sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total)[:25]]
-    world = trainer.world
+        top_ops_by_shape = [(e.key, str(e.input_shapes)[:200], e.count, round(e.self_device_time_total / 1000, 3))
+                            for e in sorted(prof.key_averages(group_by_input_shape=True),
+                                            key=lambda e: -e.self_device_time_total)[:30]]
+        ranks = device_activity(prof, wall_ms)
+        if world > 1:  # every rank's view: a rank that waits for its peer shows long NCCL kernels and no idle time
+            gathered = [None] * world
+            dist.all_gather_object(gathered, ranks)
+            ranks = gathered
     step = sorted(times)[len(times) // 2]
     tokens = cfg.global_batch_size * cfg.seq_len
     tok_s_gpu = tokens / step / world
@@ -302,6 +343,7 @@ def run_moonforge(args, cfg: TrainConfig) -> dict:
         "tflops_per_gpu": tflops, "mfu": tflops / PEAK_TFLOPS, "fraction_of_matmul_ceiling": tflops /
         MEASURED_MATMUL_TFLOPS, "peak_memory_gib": peak_memory_gib(device),
         "losses": losses, "flops_per_token": flops, "time_split_ms": split, "top_kernels_ms": top_kernels,
+        "top_ops_by_shape_ms": top_ops_by_shape, "profiled_step_by_rank": ranks,
         "optimizer_step_s_median": sorted(optimizer_times[args.warmup:args.warmup + args.steps])[args.steps // 2],
         "optimizer_step_times_s": optimizer_times[args.warmup:args.warmup + args.steps],
         "layout": trainer.dims.describe(), "grad_accum": trainer.grad_accum, "setup_s": setup_s,
