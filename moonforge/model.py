@@ -366,16 +366,66 @@ def sort_by_expert(indices: torch.Tensor, n_experts: int) -> tuple[torch.Tensor,
     return indices.flatten().argsort(stable=True), expert_counts(indices, n_experts)
 
 
-def expert_ffn(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """SwiGLU of rows grouped by expert: x [N, H] sorted by expert, counts [E] rows per expert."""
-    n_experts, _, inter, hidden = gate_up.shape
-    offs = counts.cumsum(0).to(torch.int32)
-    dtype = x.dtype
-    w13 = gate_up.to(dtype).reshape(n_experts, 2 * inter, hidden).transpose(1, 2)
-    h = torch._grouped_mm(x, w13, offs=offs)
-    gate, up = h.split(inter, dim=-1)
-    h = KERNELS.swiglu(gate, up)
-    return torch._grouped_mm(h, down.to(dtype).transpose(1, 2), offs=offs)
+def expert_ffn(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, counts: torch.Tensor,
+               weights_again=None) -> torch.Tensor:
+    """SwiGLU of rows grouped by expert: x [N, H] sorted by expert, counts [E] rows per expert.
+
+    The backward rebuilds the SwiGLU output from the saved gate/up projections instead of keeping it (an [N, I]
+    activation per MoE layer less). ``weights_again``, when given, is called in the backward to rebuild the
+    compute-dtype (gate_up, down) instead of keeping the forward's copies alive until then.
+    """
+    return _ExpertFFN.apply(x, gate_up, down, counts, weights_again)
+
+
+class _ExpertFFN(torch.autograd.Function):
+    """Grouped GEMM -> SwiGLU -> grouped GEMM; the gradients are the products autograd forms for
+    ``torch._grouped_mm``."""
+
+    @staticmethod
+    def forward(ctx, x, gate_up, down, counts, weights_again):
+        n_experts, _, inter, hidden = gate_up.shape
+        offs = counts.cumsum(0).to(torch.int32)
+        w13 = gate_up.to(x.dtype).reshape(n_experts, 2 * inter, hidden)
+        h = torch._grouped_mm(x, w13.transpose(1, 2), offs=offs)
+        gate, up = h.split(inter, dim=-1)
+        out = torch._grouped_mm(KERNELS.swiglu(gate, up), down.to(x.dtype).transpose(1, 2), offs=offs)
+        ctx.weights_again = weights_again
+        ctx.dtypes = (gate_up.dtype, down.dtype)
+        if weights_again is None:
+            ctx.save_for_backward(x, h, offs, gate_up, down)
+        else:
+            ctx.save_for_backward(x, h, offs)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.weights_again is None:
+            x, h, offs, gate_up, down = ctx.saved_tensors
+        else:
+            x, h, offs = ctx.saved_tensors
+            gate_up, down = ctx.weights_again()
+        n_experts, _, inter, hidden = gate_up.shape
+        w13 = gate_up.to(x.dtype).reshape(n_experts, 2 * inter, hidden)
+        gate, up = h.split(inter, dim=-1)
+        act = KERNELS.swiglu(gate, up)
+        grad = grad.contiguous()
+        d_act = torch._grouped_mm(grad, down.to(x.dtype), offs=offs)
+        d_down = torch._grouped_mm(grad.transpose(0, 1), act, offs=offs)
+        del act
+        d_h = KERNELS.swiglu_backward(gate, up, d_act)
+        del d_act
+        d_x = torch._grouped_mm(d_h, w13, offs=offs)
+        d_gate_up = torch._grouped_mm(d_h.transpose(0, 1), x, offs=offs)
+        return (d_x, d_gate_up.view(gate_up.shape).to(ctx.dtypes[0]), d_down.to(ctx.dtypes[1]), None, None)
+
+
+def swiglu_backward(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """Gradient of ``silu(gate) * up`` as one [N, 2I] tensor (gate part, then up part), computed in fp32."""
+    g, u, d = gate.float(), up.float(), grad.float()
+    sig = torch.sigmoid(g)
+    silu = g * sig
+    d_gate = d * u * sig * (1 + g * (1 - sig))
+    return torch.cat([d_gate, d * silu], dim=-1).to(grad.dtype)
 
 
 def accumulate(total: torch.Tensor, grad: torch.Tensor) -> None:
@@ -658,7 +708,7 @@ class _Kernels:
 
     def reset(self) -> None:
         self.rms_norm, self.swiglu, self.apply_rope, self.combine = rms_norm, swiglu, apply_rope, combine
-        self.accumulate = accumulate
+        self.accumulate, self.swiglu_backward = accumulate, swiglu_backward
 
 
 KERNELS = _Kernels()
@@ -667,7 +717,7 @@ KERNELS = _Kernels()
 def compile_kernels() -> None:
     """Fuse the element-wise islands (norms, RoPE, SwiGLU, the weighted expert combine, mixed-precision gradient
     accumulation) with torch.compile."""
-    for name in ("rms_norm", "swiglu", "apply_rope", "combine", "accumulate"):
+    for name in ("rms_norm", "swiglu", "apply_rope", "combine", "accumulate", "swiglu_backward"):
         setattr(KERNELS, name, torch.compile(globals()[name]))  # shapes that vary become dynamic
 
 

@@ -93,13 +93,15 @@ def test_muon_layout_matches_single_process(workdir, name):
             assert abs(a[key] - b[key]) / abs(a[key]) < 1e-5, (name, step, key, a[key], b[key])
 
 
-@pytest.mark.parametrize("dispatcher", ["alltoall", "allgather"])
-def test_bf16_expert_parallel_matches_single_process(workdir, dispatcher):
-    """In bf16 the expert-parallel weights are cast once per step and their gradients added into fp32 .grad
-    (the single process lets FSDP cast them instead): the same steps within bf16 rounding."""
+@pytest.mark.parametrize("dispatcher,cache", [("alltoall", True), ("allgather", True), ("alltoall", False)],
+                         ids=["alltoall", "allgather", "alltoall_cast_per_use"])
+def test_bf16_expert_parallel_matches_single_process(workdir, dispatcher, cache):
+    """In bf16 the expert-parallel weights are cast once per step (or per use) and their gradients added into
+    fp32 .grad (the single process lets FSDP cast them instead): the same steps within bf16 rounding."""
     bf16 = {"precision": "bf16", "global_batch_size": 8}
     reference = run_layout(workdir, 1, bf16, "bf16_single")
-    got = run_layout(workdir, 2, {**bf16, "parallel": {"ep": 2, "ep_dispatcher": dispatcher}}, f"bf16_ep2_{dispatcher}")
+    parallel = {"ep": 2, "ep_dispatcher": dispatcher, "cache_expert_casts": cache}
+    got = run_layout(workdir, 2, {**bf16, "parallel": parallel}, f"bf16_ep2_{dispatcher}_{cache}")
     for step, (a, b) in enumerate(zip(reference, got), 1):
         for key in ("loss", "grad_norm"):
             rel = abs(a[key] - b[key]) / abs(a[key])

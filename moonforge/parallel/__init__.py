@@ -95,7 +95,8 @@ def parallelize(model: Transformer, meshes: Meshes, *, param_dtype: torch.dtype 
                 reduce_dtype: torch.dtype = torch.float32, use_fsdp: bool = True, replicate: bool = False,
                 reshard_after_forward: bool = True, activation_checkpointing: str = "none",
                 ac_layers: int | None = None, compile: bool = False, attention_backend: str = "sdpa",
-                offload_fraction: float = 0.0, ep_dispatcher: str = "alltoall") -> ParallelModel:
+                offload_fraction: float = 0.0, ep_dispatcher: str = "alltoall",
+                cache_expert_casts: bool = True) -> ParallelModel:
     """Parallelise a model built on the meta device; materialise with ``materialize`` afterwards."""
     dims = meshes.dims
     if dims.pp > 1:
@@ -110,7 +111,7 @@ def parallelize(model: Transformer, meshes: Meshes, *, param_dtype: torch.dtype 
         part.attn_backend = attention_backend
         if dims.tp > 1:
             apply_tensor_parallel(part, meshes)
-        pm.expert_params += apply_expert_parallel([part], meshes, ep_dispatcher)
+        pm.expert_params += apply_expert_parallel([part], meshes, ep_dispatcher, cache_expert_casts)
         if dims.cp > 1:
             apply_context_parallel(part, meshes.group("cp"))
         if sequence_split:

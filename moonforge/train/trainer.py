@@ -109,7 +109,8 @@ class Trainer:
                                                 and self.dims.stage_size > 1),
                          activation_checkpointing=cfg.activation_checkpointing, ac_layers=cfg.ac_layers,
                          compile=cfg.compile, attention_backend=cfg.attention_backend,
-                         offload_fraction=cfg.optimizer_offload, ep_dispatcher=cfg.parallel.ep_dispatcher)
+                         offload_fraction=cfg.optimizer_offload, ep_dispatcher=cfg.parallel.ep_dispatcher,
+                         cache_expert_casts=cfg.parallel.cache_expert_casts)
         materialize(pm, self.device, init_seed=None if cfg.init_from else cfg.seed)
         for moe in pm.moe_layers():
             moe.aux_loss_coeff = cfg.aux_loss_coeff
