@@ -5,6 +5,7 @@
 #   bash benchmarks/h200_suite.sh two-c OUTDIR  # two H200s: all-gather dispatcher, deferred gradient sync
 #   bash benchmarks/h200_suite.sh two-d OUTDIR  # two H200s: all-to-all, deferred gradient sync, partial recomputation
 #   bash benchmarks/h200_suite.sh two-e OUTDIR  # two H200s: both dispatchers on one lease, with a machine probe
+#   bash benchmarks/h200_suite.sh two-f OUTDIR  # two H200s: packed SFT at 8k, expert weights cast per use, less recomputation
 #   bash benchmarks/h200_suite.sh offload OUTDIR  # one H200: full-model SFT, optimizer state in host memory
 #   bash benchmarks/h200_suite.sh offload-b OUTDIR  # one H200: full-model SFT with less recomputation
 #   bash benchmarks/h200_suite.sh muon OUTDIR   # one H200 holding one EP 8 rank's share: Muon vs AdamW steps
@@ -66,6 +67,16 @@ if [ "$MODE" = two-e ]; then  # both dispatchers on one lease, with its matmul/c
       --set parallel.ep_dispatcher=$d
     bench sft_packed_8k_27l_2xh200_ep2_ac17_defer_$d 2 110 --layers 27 --mbs 1 --gbs 8 --ep 2 --seq 8192 \
       --ac full --ac-layers 17 --attention varlen --packed 8 $COMMON --set parallel.ep_dispatcher=$d
+  done
+fi
+if [ "$MODE" = two-f ]; then  # memory from per-use expert casts spent on recomputing fewer layers
+  COMMON="--steps 5 --warmup 3 --state-dtype bf16 --compile --set parallel.reshard_after_forward=false \
+    --set parallel.ep_dispatcher=allgather"
+  SFT="--layers 27 --mbs 1 --gbs 8 --ep 2 --seq 8192 --attention varlen --packed 8"
+  bench sft_packed_8k_27l_2xh200_ep2_allgather_ac17 2 130 $SFT --ac full --ac-layers 17 $COMMON
+  for n in ${AC_LAYERS:-8 4}; do
+    bench sft_packed_8k_27l_2xh200_ep2_allgather_ac${n}_castuse 2 130 $SFT --ac full --ac-layers $n $COMMON \
+      --set parallel.cache_expert_casts=false
   done
 fi
 if [ "$MODE" = offload ]; then  # all 27 layers on ONE H200: bf16 weights + fp32 gradients on the GPU
