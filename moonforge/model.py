@@ -343,17 +343,12 @@ class GroupedExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2, inter, hidden))
         self.down_proj = nn.Parameter(torch.empty(n_experts, hidden, inter))
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, also=None) -> torch.Tensor:
-        """x [T, H], weights/indices [T, k] -> sum over the k chosen experts of weight * expert(x): [T, H].
-
-        ``also``: a function giving [T, H] to add (the shared experts). Expert-parallel forwards call it while
-        the host waits for the dispatch sizes, so that the GPU has work queued meanwhile.
-        """
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """x [T, H], weights/indices [T, k] -> sum over the k chosen experts of weight * expert(x): [T, H]."""
         n_tokens, top_k = indices.shape
         order, counts = sort_by_expert(indices, self.gate_up_proj.shape[0])
         h = expert_ffn(x[order // top_k], self.gate_up_proj, self.down_proj, counts)
-        out = KERNELS.combine(h, order, weights)
-        return out if also is None else out + also()
+        return KERNELS.combine(h, order, weights)
 
     def reset_parameters(self, std: float) -> None:
         nn.init.normal_(self.gate_up_proj, std=std)
@@ -467,8 +462,9 @@ class MoE(nn.Module):
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
         weights, indices, scores = self.gate(tokens)
-        shared = self.shared_experts
-        out = self.experts(tokens, weights, indices, also=None if shared is None else lambda: shared(tokens))
+        out = self.experts(tokens, weights, indices)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(tokens)
         out = out.view(shape)
         if self.aux_loss_coeff > 0 and torch.is_grad_enabled():
             aux = seq_aux_loss(scores.view(shape[0], shape[1], -1), indices.view(shape[0], shape[1], -1),

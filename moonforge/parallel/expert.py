@@ -93,7 +93,7 @@ class _ParallelExperts:
         self.etp = meshes.dims.etp
         self.n_experts = experts.gate_up_proj.shape[0]
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, also=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         if self.cache_casts:
             gate_up = _cast_once(self.experts.gate_up_proj, x.dtype)
             down = _cast_once(self.experts.down_proj, x.dtype)
@@ -106,30 +106,25 @@ class _ParallelExperts:
             x = all_gather(x, self.etp_group)
             weights = all_gather(weights, self.etp_group)
             indices = _all_gather_no_grad(indices, self.etp_group)
-        # ``also`` (the shared experts, on this rank's tokens) runs while the host waits for the dispatch sizes.
-        extra = []
-        run_also = (lambda: extra.append(also())) if also is not None else (lambda: None)
         if self.dispatcher == "allgather":
-            out = self._gather_compute_scatter(x, weights, indices, gate_up, down, again, run_also)
+            out = self._gather_compute_scatter(x, weights, indices, gate_up, down, again)
         else:
-            out = self._sort_and_exchange(x, weights, indices, gate_up, down, again, run_also)
+            out = self._sort_and_exchange(x, weights, indices, gate_up, down, again)
         if self.etp > 1:
             out = reduce_scatter(out, self.etp_group)
-        if also is not None and not extra:
-            run_also()
-        return out + extra[0] if extra else out
+        return out
 
-    def _sort_and_exchange(self, x, weights, indices, gate_up, down, again, run_also) -> torch.Tensor:
+    def _sort_and_exchange(self, x, weights, indices, gate_up, down, again) -> torch.Tensor:
         top_k = indices.shape[1]
         order, counts = sort_by_expert(indices, self.n_experts)
         routed = x[order // top_k]
         if self.ep > 1:
-            h = self._dispatch_compute_combine(routed, counts, gate_up, down, again, run_also)
+            h = self._dispatch_compute_combine(routed, counts, gate_up, down, again)
         else:
             h = expert_ffn(routed, gate_up, down, counts, again)
         return KERNELS.combine(h, order, weights)
 
-    def _gather_compute_scatter(self, x, weights, indices, gate_up, down, again, run_also) -> torch.Tensor:
+    def _gather_compute_scatter(self, x, weights, indices, gate_up, down, again) -> torch.Tensor:
         local_experts = self.n_experts // self.ep
         x = all_gather(x, self.ep_group)
         weights = all_gather(weights, self.ep_group)
@@ -139,22 +134,19 @@ class _ParallelExperts:
         key = indices - self.ep_rank * local_experts
         key = torch.where((key >= 0) & (key < local_experts), key, local_experts)
         order, counts = sort_by_expert(key, local_experts + 1)
-        routed_elsewhere = _to_host(counts[-1:])  # the one host synchronisation per layer
-        run_also()
-        n_local = key.numel() - routed_elsewhere()[0]
+        n_local = key.numel() - int(counts[-1])  # one host sync per layer
         h = expert_ffn(x[order[:n_local] // top_k], gate_up, down, counts[:-1], again)
         h = torch.cat([h, h.new_zeros(key.numel() - n_local, h.shape[1])])
         return reduce_scatter(KERNELS.combine(h, order, weights), self.ep_group)
 
     def _dispatch_compute_combine(self, routed: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor,
-                                  down: torch.Tensor, again=None, run_also=lambda: None) -> torch.Tensor:
+                                  down: torch.Tensor, again=None) -> torch.Tensor:
         ep, local_experts = self.ep, self.n_experts // self.ep
         send = counts.view(ep, local_experts)                  # rows for each destination rank, per its expert
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send, group=self.ep_group)  # recv[src, e]: rows from src for local expert e
-        splits = _to_host(torch.stack([send.sum(1), recv.sum(1)]))  # the one host synchronisation per layer
-        run_also()
-        send_splits, recv_splits = splits()
+        splits = torch.stack([send.sum(1), recv.sum(1)]).tolist()  # one host sync per layer
+        send_splits, recv_splits = splits
         received = all_to_all(routed, recv_splits, send_splits, self.ep_group)
         # Received rows are ordered (source rank, expert); the grouped GEMM wants (expert, source rank).
         segment = torch.arange(ep * local_experts, device=routed.device).view(ep, local_experts)
@@ -164,24 +156,6 @@ class _ParallelExperts:
         h = expert_ffn(received[by_expert], gate_up, down, recv.sum(0), again)
         h = torch.empty_like(h).index_copy_(0, by_expert, h)
         return all_to_all(h, send_splits, recv_splits, self.ep_group)
-
-
-def _to_host(t: torch.Tensor):
-    """Start copying a small tensor to the host; returns a function that waits for the copy (not for the GPU
-    work queued after it) and gives the values as a list."""
-    if t.device.type != "cuda":
-        values = t.tolist()
-        return lambda: values
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    host.copy_(t, non_blocking=True)
-    done = torch.cuda.Event()
-    done.record()
-
-    def wait() -> list:
-        done.synchronize()
-        return host.tolist()
-
-    return wait
 
 
 def _cast_once(param: nn.Parameter, dtype: torch.dtype) -> torch.Tensor:
