@@ -5,8 +5,10 @@
 
 Writes JSON: tokens/s per GPU, TFLOP/s per GPU (ARCHITECTURE.md's formula), MFU against 989 and against the
 measured 798 TFLOP/s matmul ceiling, peak memory, a time split from one profiled step (attention, experts,
-dispatch/combine, router, lm head + loss, optimizer, communication, other), commit, GPU count, torch version and
-the full config. With --hf-baseline, transformers' model runs the same shapes in the same process afterwards.
+dispatch/combine, router, lm head + loss, optimizer, communication, other), the top operations by input shape,
+every rank's busy / NCCL-only / idle time in that step (a rank whose GPU idles is waiting for its host), commit,
+GPU count, torch version and the full config. With --hf-baseline, transformers' model runs the same shapes in the
+same process afterwards.
 """
 
 from __future__ import annotations
