@@ -6,7 +6,7 @@
 #   bash benchmarks/h200_suite.sh two-d OUTDIR  # two H200s: all-to-all, deferred gradient sync, partial recomputation
 #   bash benchmarks/h200_suite.sh two-e OUTDIR  # two H200s: both dispatchers on one lease, with a machine probe
 #   bash benchmarks/h200_suite.sh two-f OUTDIR  # two H200s: packed SFT at 8k, expert weights cast per use, less recomputation
-#   bash benchmarks/h200_suite.sh two-g OUTDIR  # two H200s: 27 layers at MBS 2 (per-use expert casts) against MBS 1
+#   bash benchmarks/h200_suite.sh two-g OUTDIR  # two H200s: 27 layers at MBS 1, MBS 2 (per-use casts), NUMA-bound
 #   bash benchmarks/h200_suite.sh offload OUTDIR  # one H200: full-model SFT, optimizer state in host memory
 #   bash benchmarks/h200_suite.sh offload-b OUTDIR  # one H200: full-model SFT with less recomputation
 #   bash benchmarks/h200_suite.sh muon OUTDIR   # one H200 holding one EP 8 rank's share: Muon vs AdamW steps
@@ -17,7 +17,7 @@ MODE=$1; OUT=$2; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True PYTHONPATH=${PYTHONPATH:-$PWD}
 bench() {  # bench NAME NPROC TIMEOUT ARGS...
   local name=$1 nproc=$2 limit=$3; shift 3
-  timeout "$limit" torchrun --standalone --nproc_per_node "$nproc" benchmarks/train_bench.py --label "$name" \
+  timeout "$limit" torchrun --standalone --nproc_per_node "$nproc" ${TORCHRUN_ARGS:-} benchmarks/train_bench.py --label "$name" \
     --out "$OUT/$name.json" "$@" > "$OUT/$name.log" 2>&1
   echo "$name: exit $? $(grep -E '"(tokens_per_s_per_gpu|tflops_per_gpu|peak_memory_gib|speedup|error)"' \
     "$OUT/$name.log" | tr -d ' \n')"
@@ -80,11 +80,12 @@ if [ "$MODE" = two-f ]; then  # memory from per-use expert casts spent on recomp
       --set parallel.cache_expert_casts=false
   done
 fi
-if [ "$MODE" = two-g ]; then  # half the micro-batches, so half the host work per token, in the memory per-use casts free
-  COMMON="--steps 4 --warmup 2 --state-dtype bf16 --compile --set parallel.reshard_after_forward=false"
+if [ "$MODE" = two-g ]; then  # is the host the limit? half the micro-batches (MBS 2), or processes bound to NUMA nodes
+  COMMON="--steps 4 --warmup 2 --state-dtype bf16 --compile --no-profile --set parallel.reshard_after_forward=false"
   PRE="--layers 27 --gbs 8 --ep 2 --seq 4096 --ac none"
-  bench train_27l_2xh200_ep2_mbs2_castuse 2 100 $PRE --mbs 2 $COMMON --set parallel.cache_expert_casts=false
-  bench train_27l_2xh200_ep2_mbs1 2 100 $PRE --mbs 1 $COMMON
+  bench train_27l_2xh200_ep2_mbs1 2 80 $PRE --mbs 1 $COMMON
+  bench train_27l_2xh200_ep2_mbs2_castuse 2 80 $PRE --mbs 2 $COMMON --set parallel.cache_expert_casts=false
+  TORCHRUN_ARGS="--numa-binding node" bench train_27l_2xh200_ep2_mbs1_numa 2 80 $PRE --mbs 1 $COMMON
 fi
 if [ "$MODE" = offload ]; then  # all 27 layers on ONE H200: bf16 weights + fp32 gradients on the GPU
   python3 -c "import tests.test_flat_adamw as t; t.test_streamed_offload_on_a_gpu_matches_the_plain_optimizer(); \
