@@ -43,6 +43,7 @@ class AdamW(torch.optim.Optimizer):
     def step(self, closure=None):
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
+            lrs: dict[torch.device, torch.Tensor] = {}
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -50,7 +51,9 @@ class AdamW(torch.optim.Optimizer):
                 state["step"] += 1
                 local = _local(p)
                 kernel = _compiled_update() if local.is_cuda else _update
-                lr = torch.as_tensor(group["lr"], dtype=torch.float32, device=local.device)
+                if local.device not in lrs:  # filled on the device: a copy from the host would wait for the GPU
+                    lrs[local.device] = torch.full((), group["lr"], dtype=torch.float32, device=local.device)
+                lr = lrs[local.device]
                 kernel(local.view(-1), _local(state["exp_avg"]).view(-1), _local(state["exp_avg_sq"]).view(-1),
                        _local(p.grad).view(-1), self.clip_coef.to(local.device), state["step"], lr, beta1, beta2,
                        group["eps"], group["weight_decay"])

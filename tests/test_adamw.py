@@ -1,0 +1,36 @@
+"""moonforge's sharding-aware AdamW (moonforge.train.adamw) equals torch.optim.AdamW, with the learning rate
+changing from step to step and clipping folded into the update."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moonforge.train.adamw import AdamW
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_adamw_matches_torch(device):
+    g = torch.Generator().manual_seed(0)
+    shapes = [(8, 5), (5,), (3, 4, 2)]
+    start = [torch.randn(s, generator=g) for s in shapes]
+    grads = [[torch.randn(s, generator=g) for s in shapes] for _ in range(3)]
+    ours = [torch.nn.Parameter(t.clone().to(device)) for t in start]
+    ref = [torch.nn.Parameter(t.clone().double()) for t in start]
+    kw = dict(betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    opt = AdamW([{"params": ours[:2]}, {"params": ours[2:], "weight_decay": 0.0}], lr=1e-3, **kw)
+    torch_opt = torch.optim.AdamW([{"params": ref[:2]}, {"params": ref[2:], "weight_decay": 0.0}], lr=1e-3,
+                                  foreach=False, **kw)
+    for step, (lr, coef) in enumerate([(1e-3, 1.0), (5e-4, 0.5), (2e-3, 1.0)]):
+        for p, r, gr in zip(ours, ref, grads[step]):
+            p.grad = gr.to(device)
+            r.grad = gr.double() * coef  # torch clips the gradient; ours folds the coefficient into the update
+        for group in opt.param_groups + torch_opt.param_groups:
+            group["lr"] = lr
+        opt.clip_coef.fill_(coef)
+        opt.step()
+        torch_opt.step()
+        for p, r in zip(ours, ref):
+            torch.testing.assert_close(p.detach().cpu().double(), r.detach(), rtol=1e-6, atol=1e-7)
