@@ -51,7 +51,8 @@ class AdamW(torch.optim.Optimizer):
                 state["step"] += 1
                 local = _local(p)
                 kernel = _compiled_update() if local.is_cuda else _update
-                if local.device not in lrs:  # filled on the device: a copy from the host would wait for the GPU
+                # Filled on the device once per group, not copied from the host for every parameter.
+                if local.device not in lrs:
                     lrs[local.device] = torch.full((), group["lr"], dtype=torch.float32, device=local.device)
                 lr = lrs[local.device]
                 kernel(local.view(-1), _local(state["exp_avg"]).view(-1), _local(state["exp_avg_sq"]).view(-1),
