@@ -390,7 +390,6 @@ class _ExpertFFN(torch.autograd.Function):
         gate, up = h.split(inter, dim=-1)
         out = torch._grouped_mm(KERNELS.swiglu(gate, up), down.to(x.dtype).transpose(1, 2), offs=offs)
         ctx.weights_again = weights_again
-        ctx.dtypes = (gate_up.dtype, down.dtype)
         if weights_again is None:
             ctx.save_for_backward(x, h, offs, gate_up, down)
         else:
@@ -416,7 +415,8 @@ class _ExpertFFN(torch.autograd.Function):
         del d_act
         d_x = torch._grouped_mm(d_h, w13, offs=offs)
         d_gate_up = torch._grouped_mm(d_h.transpose(0, 1), x, offs=offs)
-        return (d_x, d_gate_up.view(gate_up.shape).to(ctx.dtypes[0]), d_down.to(ctx.dtypes[1]), None, None)
+        # ``weights_again`` rebuilds the forward's tensors, so their dtypes are the inputs' dtypes.
+        return d_x, d_gate_up.view(gate_up.shape).to(gate_up.dtype), d_down.to(down.dtype), None, None
 
 
 def swiglu_backward(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:

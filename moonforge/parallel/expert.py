@@ -158,6 +158,19 @@ class _ParallelExperts:
         return all_to_all(h, send_splits, recv_splits, self.ep_group)
 
 
+def _local(param: nn.Parameter) -> torch.Tensor:
+    return param.to_local() if isinstance(param, DTensor) else param
+
+
+def _local_master(param: nn.Parameter, dtype: torch.dtype) -> torch.Tensor | None:
+    """The local shard of ``param`` when it is a master weight whose gradient must come back through a cast to
+    ``dtype``; None when a plain ``.to(dtype)`` does (same dtype, or no gradient wanted)."""
+    local = _local(param)
+    if local.dtype == dtype or not param.requires_grad or not torch.is_grad_enabled():
+        return None
+    return local
+
+
 def _cast_once(param: nn.Parameter, dtype: torch.dtype) -> torch.Tensor:
     """The local shard of an fp32 expert weight in ``dtype``, cast once per optimizer step.
 
@@ -166,9 +179,9 @@ def _cast_once(param: nn.Parameter, dtype: torch.dtype) -> torch.Tensor:
     straight into the fp32 ``param.grad``: one pass instead of a cast, a temporary and an accumulation per
     micro-batch.
     """
-    local = param.to_local() if isinstance(param, DTensor) else param
-    if local.dtype == dtype or not param.requires_grad or not torch.is_grad_enabled():
-        return local.to(dtype)
+    local = _local_master(param, dtype)
+    if local is None:
+        return _local(param).to(dtype)
     cache = getattr(param, "_moonforge_cast", None)
     key = (dtype, local.data_ptr(), local._version)
     if cache is None or cache[0] != key:
@@ -180,9 +193,9 @@ def _cast_once(param: nn.Parameter, dtype: torch.dtype) -> torch.Tensor:
 def _cast_for_use(param: nn.Parameter, dtype: torch.dtype):
     """The local shard of an fp32 expert weight in ``dtype``, cast afresh, and a function that casts it again
     (None when no gradient is needed). Its gradient is added into the fp32 ``param.grad`` as with _cast_once."""
-    local = param.to_local() if isinstance(param, DTensor) else param
-    if local.dtype == dtype or not param.requires_grad or not torch.is_grad_enabled():
-        return local.to(dtype), None
+    local = _local_master(param, dtype)
+    if local is None:
+        return _local(param).to(dtype), None
     master = local.detach()
     return _AccumulateInto.apply(local, master.to(dtype), param), lambda: master.to(dtype)
 
@@ -203,7 +216,7 @@ class _AccumulateInto(torch.autograd.Function):
             param.grad = (DTensor.from_local(local, param.device_mesh, param.placements, run_check=False)
                           if isinstance(param, DTensor) else local)
         else:
-            KERNELS.accumulate(param.grad.to_local() if isinstance(param.grad, DTensor) else param.grad, grad)
+            KERNELS.accumulate(_local(param.grad), grad)
         return None, None, None
 
 
@@ -227,7 +240,7 @@ def reduce_expert_grads(expert_params: list[nn.Parameter], meshes: Meshes) -> No
     if meshes.dims.edp == 1 or not expert_params:
         return
     group = meshes.group("edp")
-    grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in expert_params if p.grad is not None]
+    grads = [_local(p.grad) for p in expert_params if p.grad is not None]
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat, group=group)
     offset = 0
