@@ -11,6 +11,7 @@
 #   bash benchmarks/h200_suite.sh offload-b OUTDIR  # one H200: full-model SFT with less recomputation
 #   bash benchmarks/h200_suite.sh muon OUTDIR   # one H200 holding one EP 8 rank's share: Muon vs AdamW steps
 #   bash benchmarks/h200_suite.sh muon-two OUTDIR  # two H200s, EP 2 + FSDP 2: Muon spread vs replicated (NCCL)
+#   bash benchmarks/h200_suite.sh host OUTDIR   # one H200: 27 layers x 8 experts, idle time and host synchronisations
 # Each run writes one JSON (see benchmarks/train_bench.py); a failing run records its error and the suite goes on.
 set -u
 MODE=$1; OUT=$2; mkdir -p "$OUT"
@@ -114,4 +115,10 @@ if [ "$MODE" = muon-two ]; then  # same data and seed: spread and replicated Muo
   for mode in spread replicated; do
     bench muon_6l_2xh200_ep2_$mode 2 200 $COMMON --optimizer muon --set muon.distributed_mode=$mode
   done
+fi
+if [ "$MODE" = host ]; then  # one H200, no NCCL: is a 27-layer step host-bound? where does the host wait for the GPU?
+  COMMON="--layers 27 --experts 8 --engine fsdp --mbs 1 --gbs 4 --state-dtype bf16 --compile --steps 3 --warmup 2 \
+    --sync-audit"
+  bench host_27l_e8_4k_h200 1 200 $COMMON --seq 4096 --ac none
+  bench host_27l_e8_sft8k_h200 1 200 $COMMON --seq 8192 --ac full --ac-layers 17 --attention varlen --packed 8
 fi

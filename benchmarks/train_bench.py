@@ -62,6 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--set", dest="overrides", action="append", default=[], help="extra TrainConfig key=value")
     p.add_argument("--hf-baseline", action="store_true")
     p.add_argument("--no-profile", action="store_true")
+    p.add_argument("--sync-audit", action="store_true",
+                   help="run one more step that records where the host waits for the GPU (CUDA only)")
     p.add_argument("--label", default="")
     p.add_argument("--out", required=True)
     return p.parse_args(argv)
@@ -189,6 +191,36 @@ def device_activity(prof, wall_ms: float) -> dict:
     busy, compute_busy = _covered_us(spans) / 1000, _covered_us(compute) / 1000
     return {"wall_ms": round(wall_ms, 1), "busy_ms": round(busy, 1), "compute_busy_ms": round(compute_busy, 1),
             "nccl_only_ms": round(busy - compute_busy, 1), "idle_ms": round(max(wall_ms - busy, 0.0), 1)}
+
+
+def host_sync_sites(fn) -> dict:
+    """Run ``fn`` with CUDA's synchronisation warnings on; count each synchronising call by its innermost
+    moonforge frames (the host waits for the GPU there, and the GPU then idles until the host catches up)."""
+    import traceback
+    import warnings
+    from collections import Counter
+
+    sites: Counter = Counter()
+    shown = warnings.showwarning
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" not in str(message):
+            return shown(message, category, filename, lineno, file, line)
+        frames = [f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in traceback.extract_stack()[:-1]
+                  if "moonforge" in f.filename and "train_bench" not in f.filename]
+        sites[" <- ".join(reversed(frames[-3:])) or f"{filename}:{lineno}"] += 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+            torch.cuda.synchronize()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            warnings.showwarning = shown
+    return {"total": sum(sites.values()), "sites": sites.most_common(40)}
 
 
 def _covered_us(spans: list[tuple[float, float]]) -> float:
@@ -335,6 +367,10 @@ def run_moonforge(args, cfg: TrainConfig) -> dict:
             gathered = [None] * world
             dist.all_gather_object(gathered, ranks)
             ranks = gathered
+    syncs = None
+    if args.sync_audit and device.type == "cuda":
+        micro = [loader.next_batch() for _ in range(trainer.grad_accum)]
+        syncs = host_sync_sites(lambda: trainer.train_step(micro))
     step = sorted(times)[len(times) // 2]
     tokens = cfg.global_batch_size * cfg.seq_len
     tok_s_gpu = tokens / step / world
@@ -351,6 +387,7 @@ def run_moonforge(args, cfg: TrainConfig) -> dict:
         "layout": trainer.dims.describe(), "grad_accum": trainer.grad_accum, "setup_s": setup_s,
         "engine": "flat" if trainer.flat else "fsdp", "host_peak_rss_gib": host_peak_rss_gib(),
         "parameters": sum(p.numel() for p in trainer.pm.parameters()), "machine_probe": probe,
+        "host_syncs": syncs,
     }
     del trainer, loader
     import gc
