@@ -64,6 +64,8 @@ def parse_args(argv=None):
     p.add_argument("--no-profile", action="store_true")
     p.add_argument("--sync-audit", action="store_true",
                    help="run one more step that records where the host waits for the GPU (CUDA only)")
+    p.add_argument("--host-profile", action="store_true",
+                   help="run one more step under cProfile: the Python functions the host spends its time in")
     p.add_argument("--label", default="")
     p.add_argument("--out", required=True)
     return p.parse_args(argv)
@@ -223,6 +225,42 @@ def host_sync_sites(fn) -> dict:
     return {"total": sum(sites.values()), "sites": sites.most_common(40)}
 
 
+def host_profile(fn, top: int = 40) -> dict:
+    """One call of ``fn`` under cProfile: host seconds, the functions with the most own time and the most
+    cumulative time, and the number of PyTorch operator calls (each one launches at least one kernel)."""
+    import cProfile
+    import pstats
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    sync()
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    fn()
+    prof.disable()
+    host_s = time.perf_counter() - t0
+    sync()
+    stats = pstats.Stats(prof).stats
+
+    def rows(key):
+        out = []
+        for (file, line, name), (cc, nc, tt, ct, _) in sorted(stats.items(), key=key)[:top]:
+            out.append([f"{Path(file).name}:{line} {name}", nc, round(tt * 1000, 1), round(ct * 1000, 1)])
+        return out
+
+    return {"host_s": round(host_s, 3), "aten_calls": Count.calls, "columns": ["function", "calls", "own_ms", "cum_ms"],
+            "by_own_time": rows(lambda kv: -kv[1][2]), "by_cumulative_time": rows(lambda kv: -kv[1][3])}
+
+
 def _covered_us(spans: list[tuple[float, float]]) -> float:
     """Length of the union of [start, end) intervals."""
     total, last = 0.0, None
@@ -371,6 +409,10 @@ def run_moonforge(args, cfg: TrainConfig) -> dict:
     if args.sync_audit and device.type == "cuda":
         micro = [loader.next_batch() for _ in range(trainer.grad_accum)]
         syncs = host_sync_sites(lambda: trainer.train_step(micro))
+    host = None
+    if args.host_profile:
+        micro = [loader.next_batch() for _ in range(trainer.grad_accum)]
+        host = host_profile(lambda: trainer.train_step(micro))
     step = sorted(times)[len(times) // 2]
     tokens = cfg.global_batch_size * cfg.seq_len
     tok_s_gpu = tokens / step / world
@@ -387,7 +429,7 @@ def run_moonforge(args, cfg: TrainConfig) -> dict:
         "layout": trainer.dims.describe(), "grad_accum": trainer.grad_accum, "setup_s": setup_s,
         "engine": "flat" if trainer.flat else "fsdp", "host_peak_rss_gib": host_peak_rss_gib(),
         "parameters": sum(p.numel() for p in trainer.pm.parameters()), "machine_probe": probe,
-        "host_syncs": syncs,
+        "host_syncs": syncs, "host_profile": host,
     }
     del trainer, loader
     import gc

@@ -13,7 +13,7 @@ import functools
 import math
 import zlib
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -110,6 +110,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 # ---------------------------------------------------------------------------------------------------- attention
+class _MaskCache:
+    """The derived masks of one micro-batch (cu_seqlens, dense or block masks), keyed by kind."""
+
+    def __init__(self):
+        self.items: dict = {}
+
+
 @dataclass
 class AttentionMask:
     """Which keys each query may see. Shared by all layers of one micro-batch.
@@ -124,9 +131,13 @@ class AttentionMask:
     query_index: torch.Tensor | None = None
     key_index: torch.Tensor | None = None
     backend: str = "sdpa"
+    # Derived masks, built on first use. A holder object, not a dict: FSDP re-creates this dataclass for every
+    # block (``dataclasses.replace``) and copies dicts, so only a shared holder lets all blocks see one build.
+    cache: "_MaskCache" = field(default_factory=lambda: _MaskCache(), repr=False, compare=False)
 
-    def __post_init__(self):
-        self._cache: dict = {}
+    @property
+    def _cache(self) -> dict:
+        return self.cache.items
 
     @property
     def is_plain_causal(self) -> bool:

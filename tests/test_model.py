@@ -128,3 +128,30 @@ def test_model_loss_from_labels_equals_loss_of_logits():
     labels[:, -1] = IGNORE_INDEX
     with torch.no_grad():
         assert torch.allclose(model(ids, labels=labels), cross_entropy_sum(model(ids), labels), rtol=1e-6)
+
+
+def test_attention_mask_is_built_once_per_forward_even_when_fsdp_recreates_it():
+    # FSDP hands every block a re-created copy of its arguments (dataclasses.replace for dataclasses): the
+    # derived mask must still be built once per forward, not once per block.
+    import moonforge.model as m
+    from torch.distributed.utils import _apply_to_tensors
+
+    config = preset("tiny").replace(num_hidden_layers=3)
+    model = build_model(config)
+    for block in model.model.layers.values():
+        block.register_forward_pre_hook(lambda mod, args: _apply_to_tensors(lambda t: t, args))
+    seen = []
+    real = m.attention
+
+    def spy(q, k, v, mask, scale):
+        seen.append(id(mask.dense(q.shape[1], k.shape[1], q.device)))
+        return real(q, k, v, mask, scale)
+
+    m.attention = spy
+    try:
+        ids = torch.randint(0, config.vocab_size, (2, 16))
+        docs = torch.tensor([[0] * 9 + [1] * 7, [0] * 4 + [1] * 12])
+        model(ids, document_ids=docs)
+    finally:
+        m.attention = real
+    assert len(seen) == 3 and len(set(seen)) == 1
