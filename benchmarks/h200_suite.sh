@@ -12,6 +12,7 @@
 #   bash benchmarks/h200_suite.sh muon OUTDIR   # one H200 holding one EP 8 rank's share: Muon vs AdamW steps
 #   bash benchmarks/h200_suite.sh muon-two OUTDIR  # two H200s, EP 2 + FSDP 2: Muon spread vs replicated (NCCL)
 #   bash benchmarks/h200_suite.sh host OUTDIR   # one H200: 27 layers x 8 experts, idle time and host synchronisations
+#   bash benchmarks/h200_suite.sh blocks OUTDIR # one H200: the same, whole-block torch.compile against compiled kernels
 # Each run writes one JSON (see benchmarks/train_bench.py); a failing run records its error and the suite goes on.
 set -u
 MODE=$1; OUT=$2; mkdir -p "$OUT"
@@ -121,4 +122,12 @@ if [ "$MODE" = host ]; then  # one H200, no NCCL: is a 27-layer step host-bound?
     --sync-audit"
   bench host_27l_e8_4k_h200 1 200 $COMMON --seq 4096 --ac none
   bench host_27l_e8_sft8k_h200 1 200 $COMMON --seq 8192 --ac full --ac-layers 17 --attention varlen --packed 8
+fi
+if [ "$MODE" = blocks ]; then  # one H200: whole-block torch.compile against compiled element-wise kernels only
+  COMMON="--layers 27 --experts 8 --engine fsdp --mbs 1 --gbs 4 --state-dtype bf16 --compile --steps 3 --warmup 2"
+  bench host_27l_e8_4k_h200_blocks 1 250 $COMMON --seq 4096 --ac none --compile-blocks --host-profile
+  bench host_27l_e8_4k_h200_kernels 1 200 $COMMON --seq 4096 --ac none --host-profile
+  bench host_27l_e8_sft8k_h200_blocks 1 250 $COMMON --seq 8192 --ac full --ac-layers 17 --attention varlen \
+    --packed 8 --compile-blocks
+  bench host_27l_e8_sft8k_h200_kernels 1 200 $COMMON --seq 8192 --ac full --ac-layers 17 --attention varlen --packed 8
 fi

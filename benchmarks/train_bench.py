@@ -55,6 +55,7 @@ def parse_args(argv=None):
     p.add_argument("--ac", default="none")
     p.add_argument("--ac-layers", type=int, default=None)
     p.add_argument("--compile", action="store_true", help="fuse element-wise kernels with torch.compile")
+    p.add_argument("--compile-blocks", action="store_true", help="torch.compile every decoder block whole")
     p.add_argument("--state-dtype", default="fp32", help="Adam moment dtype (single GPU): fp32 | bf16")
     p.add_argument("--attention", default="sdpa")
     p.add_argument("--packed", type=int, default=0, help="pack this many documents per row (document masking)")
@@ -144,7 +145,7 @@ def train_config(args, mdir: Path, out_dir: Path, world: int) -> TrainConfig:
     cfg = {
         "model": str(mdir), "precision": args.precision, "seq_len": args.seq, "micro_batch_size": args.mbs,
         "global_batch_size": gbs, "train_iters": 10**6, "lr": 1e-5, "min_lr": 1e-6, "optimizer": args.optimizer,
-        "activation_checkpointing": args.ac, "ac_layers": args.ac_layers, "compile": args.compile,
+        "activation_checkpointing": args.ac, "ac_layers": args.ac_layers, "compile": args.compile, "compile_blocks": args.compile_blocks,
         "attention_backend": args.attention, "optimizer_state_dtype": args.state_dtype, "optimizer_offload": args.offload, "data": data,
         "parallel": {"ep": args.ep, "etp": args.etp, "tp": args.tp, "pp": args.pp, "sp": args.tp > 1},
         "output_dir": str(out_dir), "save_final": False, "tensorboard": False, "log_interval": 1,

@@ -732,6 +732,22 @@ def compile_kernels() -> None:
         setattr(KERNELS, name, torch.compile(globals()[name]))  # shapes that vary become dynamic
 
 
+def compile_blocks(model: Transformer, backend: str = "inductor") -> None:
+    """torch.compile every decoder block's forward as a whole: one fused graph (a few where it has to break)
+    instead of hundreds of separately launched operations per block and direction, which is what keeps the host
+    behind the GPU at Moonlight's sizes.
+
+    Blocks of one kind share their compiled graphs (parameters are graph inputs). The graph breaks at the routing
+    statistics (kept out of the graph so that recomputation does not count twice) and around expert-parallel
+    dispatch, which runs eagerly. Each block's ``forward`` is replaced in place; parameter names do not change.
+    """
+    import torch._dynamo
+
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    for block in model.model.layers.values():
+        block.forward = torch.compile(block.forward, backend=backend, dynamic=False)
+
+
 def build_model(config: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                 seed: int | None = 0) -> Transformer:
     """A randomly initialised model (HF's initialisation); router bias stays fp32 whatever ``dtype``."""

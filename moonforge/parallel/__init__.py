@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from moonforge.model import MoE, Router, Transformer, compile_kernels
+from moonforge.model import MoE, Router, Transformer, compile_blocks as compile_each_block, compile_kernels
 from moonforge.parallel.checkpointing import apply_activation_checkpointing
 from moonforge.parallel.context import apply_context_parallel
 from moonforge.parallel.dims import ParallelDims
@@ -94,7 +94,8 @@ class ParallelModel:
 def parallelize(model: Transformer, meshes: Meshes, *, param_dtype: torch.dtype = torch.float32,
                 reduce_dtype: torch.dtype = torch.float32, use_fsdp: bool = True, replicate: bool = False,
                 reshard_after_forward: bool = True, activation_checkpointing: str = "none",
-                ac_layers: int | None = None, compile: bool = False, attention_backend: str = "sdpa",
+                ac_layers: int | None = None, compile: bool = False, compile_blocks: bool = False,
+                attention_backend: str = "sdpa",
                 offload_fraction: float = 0.0, ep_dispatcher: str = "alltoall",
                 cache_expert_casts: bool = True) -> ParallelModel:
     """Parallelise a model built on the meta device; materialise with ``materialize`` afterwards."""
@@ -117,9 +118,11 @@ def parallelize(model: Transformer, meshes: Meshes, *, param_dtype: torch.dtype 
         if sequence_split:
             for moe in (m for m in part.modules() if isinstance(m, MoE)):
                 moe.seq_group = meshes.cp_tp.get_group()
+        if compile or compile_blocks:
+            compile_kernels()  # also what runs outside compiled blocks: expert dispatch, gradient accumulation
+        if compile_blocks:  # before recomputation wraps them: checkpointing then re-runs the compiled forward
+            compile_each_block(part)
         apply_activation_checkpointing(part, activation_checkpointing, ac_layers)
-        if compile:
-            compile_kernels()
         if use_fsdp:
             n_blocks = len(part.model.layers)
             offload_blocks = round(offload_fraction * n_blocks) if meshes.device.type == "cuda" else 0

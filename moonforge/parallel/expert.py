@@ -68,7 +68,8 @@ def apply_expert_parallel(parts: list[nn.Module], meshes: Meshes, dispatcher: st
                 new = nn.Parameter(dt, requires_grad=param.requires_grad)
                 setattr(experts, name, new)
                 params.append(new)
-            experts.forward = _ParallelExperts(experts, meshes, dispatcher, cache_casts).forward
+            # Eager even inside a compiled block: collectives, DTensor shards and per-step weight casts.
+            experts.forward = torch.compiler.disable(_ParallelExperts(experts, meshes, dispatcher, cache_casts).forward)
     return params
 
 

@@ -114,6 +114,7 @@ class TrainConfig:
     max_skipped_steps: int = 10            # non-finite steps in a row before the run stops
     loss_scale: float | None = None        # fp16: None = dynamic loss scaling from 2**16
     compile: bool = False                  # fuse the element-wise kernels with torch.compile (GPU)
+    compile_blocks: bool = False           # torch.compile every decoder block whole (implies compile)
     tensorboard: bool = True
     resume: bool = True                    # continue from output_dir/checkpoint's latest if present
 
@@ -175,6 +176,9 @@ class TrainConfig:
         _choice(self.optimizer_state_dtype, ("fp32", "bf16"), "optimizer_state_dtype", fail)
         _choice(self.muon.router_optimizer, OPTIMIZERS, "muon.router_optimizer", fail)
         _choice(self.muon.ns_dtype, ("bf16", "fp32"), "muon.ns_dtype", fail)
+        if self.compile_blocks and self.precision not in ("bf16", "fp8"):
+            fail("compile_blocks", f"needs bf16 compute (precision bf16 or fp8), got precision {self.precision!r}: "
+                 "the compiled grouped GEMM of the experts takes bf16 only; set compile_blocks: false or precision: bf16")
         for key in ("seq_len", "micro_batch_size", "global_batch_size", "log_interval", "eval_iters"):
             if getattr(self, key) < 1:
                 fail(key, f"must be >= 1, got {getattr(self, key)}")

@@ -108,7 +108,8 @@ class Trainer:
                          reshard_after_forward=(cfg.parallel.reshard_after_forward and self.dims.pp == 1
                                                 and self.dims.stage_size > 1),
                          activation_checkpointing=cfg.activation_checkpointing, ac_layers=cfg.ac_layers,
-                         compile=cfg.compile, attention_backend=cfg.attention_backend,
+                         compile=cfg.compile or cfg.compile_blocks, compile_blocks=cfg.compile_blocks,
+                         attention_backend=cfg.attention_backend,
                          offload_fraction=cfg.optimizer_offload, ep_dispatcher=cfg.parallel.ep_dispatcher,
                          cache_expert_casts=cfg.parallel.cache_expert_casts)
         materialize(pm, self.device, init_seed=None if cfg.init_from else cfg.seed)
