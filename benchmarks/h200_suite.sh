@@ -13,6 +13,7 @@
 #   bash benchmarks/h200_suite.sh muon-two OUTDIR  # two H200s, EP 2 + FSDP 2: Muon spread vs replicated (NCCL)
 #   bash benchmarks/h200_suite.sh host OUTDIR   # one H200: 27 layers x 8 experts, idle time and host synchronisations
 #   bash benchmarks/h200_suite.sh blocks OUTDIR # one H200: the same, whole-block torch.compile against compiled kernels
+#   bash benchmarks/h200_suite.sh blocks-b OUTDIR # one H200: those pairs in the other order; 6 layers vs transformers, blocks compiled
 # Each run writes one JSON (see benchmarks/train_bench.py); a failing run records its error and the suite goes on.
 set -u
 MODE=$1; OUT=$2; mkdir -p "$OUT"
@@ -130,4 +131,14 @@ if [ "$MODE" = blocks ]; then  # one H200: whole-block torch.compile against com
   bench host_27l_e8_sft8k_h200_blocks 1 250 $COMMON --seq 8192 --ac full --ac-layers 17 --attention varlen \
     --packed 8 --compile-blocks
   bench host_27l_e8_sft8k_h200_kernels 1 200 $COMMON --seq 8192 --ac full --ac-layers 17 --attention varlen --packed 8
+fi
+if [ "$MODE" = blocks-b ]; then  # the same pairs in the other order (compiled kernels first), and 6 layers vs transformers
+  COMMON="--layers 27 --experts 8 --engine fsdp --mbs 1 --gbs 4 --state-dtype bf16 --compile --steps 3 --warmup 2"
+  SFT="--seq 8192 --ac full --ac-layers 17 --attention varlen --packed 8"
+  bench host_27l_e8_sft8k_h200_kernels_b 1 200 $COMMON $SFT
+  bench host_27l_e8_sft8k_h200_blocks_b 1 250 $COMMON $SFT --compile-blocks
+  bench host_27l_e8_4k_h200_kernels_b 1 200 $COMMON --seq 4096 --ac none
+  bench host_27l_e8_4k_h200_blocks_b 1 250 $COMMON --seq 4096 --ac none --compile-blocks
+  bench train_6l_h200_blocks_vs_hf 1 300 --layers 6 --mbs 2 --seq 4096 --steps 8 --warmup 4 --state-dtype bf16 \
+    --compile --compile-blocks --hf-baseline
 fi
