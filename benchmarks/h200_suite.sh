@@ -14,6 +14,7 @@
 #   bash benchmarks/h200_suite.sh host OUTDIR   # one H200: 27 layers x 8 experts, idle time and host synchronisations
 #   bash benchmarks/h200_suite.sh blocks OUTDIR # one H200: the same, whole-block torch.compile against compiled kernels
 #   bash benchmarks/h200_suite.sh blocks-b OUTDIR # one H200: those pairs in the other order; 6 layers vs transformers, blocks compiled
+#   bash benchmarks/h200_suite.sh two-h OUTDIR  # two H200s: 27-layer pretraining and packed SFT with and without whole-block compile
 # Each run writes one JSON (see benchmarks/train_bench.py); a failing run records its error and the suite goes on.
 set -u
 MODE=$1; OUT=$2; mkdir -p "$OUT"
@@ -141,4 +142,14 @@ if [ "$MODE" = blocks-b ]; then  # the same pairs in the other order (compiled k
   bench host_27l_e8_4k_h200_blocks_b 1 250 $COMMON --seq 4096 --ac none --compile-blocks
   bench train_6l_h200_blocks_vs_hf 1 300 --layers 6 --mbs 2 --seq 4096 --steps 8 --warmup 4 --state-dtype bf16 \
     --compile --compile-blocks --hf-baseline
+fi
+if [ "$MODE" = two-h ]; then  # two H200s: the two-GPU targets with and without whole-block compile, in both orders
+  COMMON="--steps 4 --warmup 2 --state-dtype bf16 --compile --set parallel.reshard_after_forward=false \
+    --set parallel.ep_dispatcher=allgather"
+  SFT="--layers 27 --mbs 1 --gbs 8 --ep 2 --seq 8192 --attention varlen --packed 8 --ac full --ac-layers 17"
+  PRE="--layers 27 --mbs 1 --gbs 8 --ep 2 --seq 4096 --ac none"
+  bench sft_packed_8k_27l_2xh200_ep2_allgather_ac17_kernels 2 140 $SFT $COMMON
+  bench sft_packed_8k_27l_2xh200_ep2_allgather_ac17_blocks 2 150 $SFT $COMMON --compile-blocks
+  bench train_27l_2xh200_ep2_allgather_blocks 2 150 $PRE $COMMON --compile-blocks
+  bench train_27l_2xh200_ep2_allgather_kernels 2 140 $PRE $COMMON
 fi
