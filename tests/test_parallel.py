@@ -93,15 +93,18 @@ def test_muon_layout_matches_single_process(workdir, name):
             assert abs(a[key] - b[key]) / abs(a[key]) < 1e-5, (name, step, key, a[key], b[key])
 
 
-@pytest.mark.parametrize("dispatcher,cache", [("alltoall", True), ("allgather", True), ("alltoall", False)],
-                         ids=["alltoall", "allgather", "alltoall_cast_per_use"])
-def test_bf16_expert_parallel_matches_single_process(workdir, dispatcher, cache):
+@pytest.mark.parametrize("dispatcher,cache,blocks", [("alltoall", True, False), ("allgather", True, False),
+                                                    ("alltoall", False, False), ("allgather", True, True)],
+                         ids=["alltoall", "allgather", "alltoall_cast_per_use", "allgather_compiled_blocks"])
+def test_bf16_expert_parallel_matches_single_process(workdir, dispatcher, cache, blocks):
     """In bf16 the expert-parallel weights are cast once per step (or per use) and their gradients added into
-    fp32 .grad (the single process lets FSDP cast them instead): the same steps within bf16 rounding."""
+    fp32 .grad (the single process lets FSDP cast them instead): the same steps within bf16 rounding. With
+    ``compile_blocks`` the blocks run compiled around the eager expert dispatch; the reference stays eager."""
     bf16 = {"precision": "bf16", "global_batch_size": 8}
     reference = run_layout(workdir, 1, bf16, "bf16_single")
     parallel = {"ep": 2, "ep_dispatcher": dispatcher, "cache_expert_casts": cache}
-    got = run_layout(workdir, 2, {**bf16, "parallel": parallel}, f"bf16_ep2_{dispatcher}_{cache}")
+    got = run_layout(workdir, 2, {**bf16, "compile_blocks": blocks, "parallel": parallel},
+                     f"bf16_ep2_{dispatcher}_{cache}_{blocks}")
     for step, (a, b) in enumerate(zip(reference, got), 1):
         for key in ("loss", "grad_norm"):
             rel = abs(a[key] - b[key]) / abs(a[key])
