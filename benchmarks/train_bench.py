@@ -14,6 +14,7 @@ same process afterwards.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import tempfile
@@ -262,6 +263,35 @@ def host_profile(fn, top: int = 40) -> dict:
             "by_own_time": rows(lambda kv: -kv[1][2]), "by_cumulative_time": rows(lambda kv: -kv[1][3])}
 
 
+KERNEL_CLASSES = (  # (class, substrings of the kernel name), first match wins
+    ("nccl", ("nccl",)),
+    ("attention", ("flash", "fmha", "cudnn", "sdpa", "attention")),
+    ("grouped_gemm", ("grouped", "groupedgemm", "GroupProblemShape")),
+    ("gemm", ("nvjet", "gemm", "cutlass", "xmma", "sm90_", "cublas")),
+    ("triton_fused", ("triton_",)),
+    ("copy", ("memcpy", "memset", "copy", "chunk_cat", "cat_")),
+    ("reduction", ("reduce", "norm", "sum", "softmax")),
+    ("index_sort", ("index", "sort", "scatter", "gather", "radix", "topk", "cub::")),
+    ("elementwise", ("elementwise", "vectorized", "unrolled")),
+)
+
+
+def kernel_classes(prof) -> dict:
+    """GPU time (ms) of one profiled step by kind of kernel, from the kernels' own names (no operator
+    attribution): what the GPU itself spends its time on, whatever launched it."""
+    from torch.autograd import DeviceType
+
+    totals: dict[str, float] = {}
+    for evt in prof.events():
+        if evt.device_type != DeviceType.CUDA:
+            continue
+        name = evt.name
+        low = name.lower()
+        kind = next((k for k, keys in KERNEL_CLASSES if any(x.lower() in low for x in keys)), "other")
+        totals[kind] = totals.get(kind, 0.0) + (evt.time_range.end - evt.time_range.start) / 1000
+    return {k: round(v, 2) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
+
+
 def _covered_us(spans: list[tuple[float, float]]) -> float:
     """Length of the union of [start, end) intervals."""
     total, last = 0.0, None
@@ -383,7 +413,7 @@ def run_moonforge(args, cfg: TrainConfig) -> dict:
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
             losses.append(result.loss)
-    split = top_kernels = top_ops_by_shape = ranks = None
+    split = top_kernels = top_ops_by_shape = ranks = kernels_by_class = None
     world = trainer.world
     if not args.no_profile:
         micro = [loader.next_batch() for _ in range(trainer.grad_accum)]
@@ -402,6 +432,7 @@ def run_moonforge(args, cfg: TrainConfig) -> dict:
                             for e in sorted(prof.key_averages(group_by_input_shape=True),
                                             key=lambda e: -e.self_device_time_total)[:30]]
         ranks = device_activity(prof, wall_ms)
+        kernels_by_class = kernel_classes(prof) if device.type == "cuda" else None
         if world > 1:  # every rank's view: a rank that waits for its peer shows long NCCL kernels and no idle time
             gathered = [None] * world
             dist.all_gather_object(gathered, ranks)
@@ -409,11 +440,11 @@ def run_moonforge(args, cfg: TrainConfig) -> dict:
     syncs = None
     if args.sync_audit and device.type == "cuda":
         micro = [loader.next_batch() for _ in range(trainer.grad_accum)]
-        syncs = host_sync_sites(lambda: trainer.train_step(micro))
+        syncs = host_sync_sites(functools.partial(trainer.train_step, micro))
     host = None
     if args.host_profile:
         micro = [loader.next_batch() for _ in range(trainer.grad_accum)]
-        host = host_profile(lambda: trainer.train_step(micro))
+        host = host_profile(functools.partial(trainer.train_step, micro))
     step = sorted(times)[len(times) // 2]
     tokens = cfg.global_batch_size * cfg.seq_len
     tok_s_gpu = tokens / step / world
@@ -424,7 +455,8 @@ def run_moonforge(args, cfg: TrainConfig) -> dict:
         "tflops_per_gpu": tflops, "mfu": tflops / PEAK_TFLOPS, "fraction_of_matmul_ceiling": tflops /
         MEASURED_MATMUL_TFLOPS, "peak_memory_gib": peak_memory_gib(device),
         "losses": losses, "flops_per_token": flops, "time_split_ms": split, "top_kernels_ms": top_kernels,
-        "top_ops_by_shape_ms": top_ops_by_shape, "profiled_step_by_rank": ranks,
+        "top_ops_by_shape_ms": top_ops_by_shape,
+        "kernel_classes_ms": kernels_by_class, "profiled_step_by_rank": ranks,
         "optimizer_step_s_median": sorted(optimizer_times[args.warmup:args.warmup + args.steps])[args.steps // 2],
         "optimizer_step_times_s": optimizer_times[args.warmup:args.warmup + args.steps],
         "layout": trainer.dims.describe(), "grad_accum": trainer.grad_accum, "setup_s": setup_s,
