@@ -16,6 +16,7 @@
 #   bash benchmarks/h200_suite.sh blocks-b OUTDIR # one H200: those pairs in the other order; 6 layers vs transformers, blocks compiled
 #   bash benchmarks/h200_suite.sh two-h OUTDIR  # two H200s: 27-layer pretraining and packed SFT with and without whole-block compile
 #   bash benchmarks/h200_suite.sh blocks-c OUTDIR # one H200: GPU time by kernel kind with blocks compiled; full-model SFT with them
+#   bash benchmarks/h200_suite.sh blocks-d OUTDIR # one H200: kernels then blocks, idle time counted from kernels only
 # Each run writes one JSON (see benchmarks/train_bench.py); a failing run records its error and the suite goes on.
 set -u
 MODE=$1; OUT=$2; mkdir -p "$OUT"
@@ -159,4 +160,9 @@ if [ "$MODE" = blocks-c ]; then  # one H200: where the GPU time goes with blocks
     --state-dtype bf16 --compile --steps 3 --warmup 2 --seq 4096 --ac none --compile-blocks
   bench sft_27l_1xh200_offload_gbs32_acnone_blocks 1 220 --layers 27 --mbs 1 --gbs 32 --seq 4096 --state-dtype bf16 \
     --offload 1.0 --compile --compile-blocks --attention varlen --packed 8 --steps 2 --warmup 1 --no-profile --ac none
+fi
+if [ "$MODE" = blocks-d ]; then  # one H200: idle time without the GPU-side annotation ranges, kernels then blocks
+  COMMON="--layers 27 --experts 8 --engine fsdp --mbs 1 --gbs 4 --state-dtype bf16 --compile --steps 3 --warmup 2"
+  bench host_27l_e8_4k_h200_kernels_d 1 200 $COMMON --seq 4096 --ac none
+  bench host_27l_e8_4k_h200_blocks_d 1 200 $COMMON --seq 4096 --ac none --compile-blocks
 fi

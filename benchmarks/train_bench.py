@@ -187,7 +187,7 @@ def device_activity(prof, wall_ms: float) -> dict:
 
     spans, compute = [], []
     for evt in prof.events():
-        if evt.device_type == DeviceType.CUDA:
+        if evt.device_type == DeviceType.CUDA and not _is_annotation(evt):
             span = (evt.time_range.start, evt.time_range.end)
             spans.append(span)
             if "nccl" not in evt.name.lower():
@@ -283,13 +283,22 @@ def kernel_classes(prof) -> dict:
 
     totals: dict[str, float] = {}
     for evt in prof.events():
-        if evt.device_type != DeviceType.CUDA:
+        if evt.device_type != DeviceType.CUDA or _is_annotation(evt):
             continue
         name = evt.name
         low = name.lower()
         kind = next((k for k, keys in KERNEL_CLASSES if any(x.lower() in low for x in keys)), "other")
         totals[kind] = totals.get(kind, 0.0) + (evt.time_range.end - evt.time_range.start) / 1000
     return {k: round(v, 2) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
+
+
+_ANNOTATION_PREFIXES = ("## ", "mf.", "Optimizer.", "FSDP::", "ProfilerStep", "CheckpointFunction")
+
+
+def _is_annotation(evt) -> bool:
+    """A named range drawn on the GPU's timeline (record_function, compiled-graph calls), not a kernel: it spans
+    its kernels and the gaps between them, so counting it as busy time would hide idle time."""
+    return bool(getattr(evt, "is_user_annotation", False)) or evt.name.startswith(_ANNOTATION_PREFIXES)
 
 
 def _covered_us(spans: list[tuple[float, float]]) -> float:
