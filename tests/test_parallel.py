@@ -120,3 +120,39 @@ def test_micro_batching_does_not_change_the_update(workdir):
     for x, y in zip(a, b):
         assert abs(x["loss"] - y["loss"]) / x["loss"] < 1e-6
         assert abs(x["grad_norm"] - y["grad_norm"]) / x["grad_norm"] < 1e-6
+
+
+def _fsdp_units_worker(rank: int, world: int, out_dir: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    from moonforge.model import Router, Transformer
+    from moonforge.parallel import ParallelDims, build_meshes, materialize, parallelize
+
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=world)
+    try:
+        config = preset("tiny")
+        with torch.device("meta"):
+            model = Transformer(config)
+        meshes = build_meshes(ParallelDims.for_world(world), torch.device("cpu"))
+        pm = parallelize(model, meshes, param_dtype=torch.bfloat16)
+        materialize(pm, torch.device("cpu"), init_seed=0)
+        routers = [m for m in model.modules() if isinstance(m, Router)]
+        # One FSDP group per block and the root; the routers' weights stay whole fp32 tensors outside FSDP.
+        assert len(pm.fsdp_modules) == config.num_hidden_layers + 1
+        assert routers and all(type(r.weight) is torch.nn.Parameter and r.weight.dtype == torch.float32
+                               for r in routers)
+        assert [p for p in pm.replicated_params] == [r.weight for r in routers]
+        assert all(isinstance(p, DTensor) for n, p in model.named_parameters() if "mlp.gate." not in n)
+        ids = torch.randint(0, config.vocab_size, (1, 16))
+        model(ids, labels=ids).backward()
+        pm.reduce_gradients()
+        assert all(r.weight.grad is not None and r.weight.grad.dtype == torch.float32 for r in routers)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_groups_one_per_block_and_routers_stay_fp32_outside(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_fsdp_units_worker, args=(1, str(tmp_path)), nprocs=1, join=True)

@@ -17,7 +17,7 @@ from moonforge.parallel.checkpointing import apply_activation_checkpointing
 from moonforge.parallel.context import apply_context_parallel
 from moonforge.parallel.dims import ParallelDims
 from moonforge.parallel.expert import apply_expert_parallel, reduce_expert_grads, release_weight_casts
-from moonforge.parallel.fsdp import apply_fsdp, state_module
+from moonforge.parallel.fsdp import apply_fsdp, reduce_replicated_grads, router_params, state_module
 from moonforge.parallel.mesh import Meshes, build_meshes, init_distributed
 from moonforge.parallel.pipeline import split_stages
 from moonforge.parallel.tensor import apply_tensor_parallel
@@ -49,6 +49,12 @@ class ParallelModel:
     @property
     def has_last_stage(self) -> bool:
         return self.num_stages - 1 in self.stage_ids
+
+    @property
+    def replicated_params(self) -> list[nn.Parameter]:
+        """Held whole on every rank of the stage, outside FSDP (the routers' weights); ``reduce_gradients``
+        sums their gradients. Looked up each time: materialising replaces plain parameters."""
+        return [p for part in self.parts for p in router_params(part)] if self.fsdp_modules else []
 
     def parameters(self):
         for part in self.parts:
@@ -89,6 +95,7 @@ class ParallelModel:
         the last backward of a step. Also frees the step's low-precision copies of the expert weights."""
         release_weight_casts(self.expert_params)
         reduce_expert_grads(self.expert_params, self.meshes)
+        reduce_replicated_grads(self.replicated_params, self.meshes)
 
 
 def parallelize(model: Transformer, meshes: Meshes, *, param_dtype: torch.dtype = torch.float32,
@@ -149,6 +156,8 @@ def materialize(pm: ParallelModel, device: torch.device, init_seed: int | None =
         part.to_empty(device=device)
         for block in getattr(part, "offloaded_blocks", []):  # FSDP keeps these parameters in host memory
             block.to_empty(device="cpu")
+            for router in (m for m in block.modules() if isinstance(m, Router)):  # not FSDP's: on the device
+                router.to_empty(device=device)
         part.reset_buffers()
         if init_seed is None:
             continue

@@ -1,16 +1,19 @@
 """Data parallelism with FSDP2: parameters, gradients and optimizer state sharded over the data-parallel ranks
 (``data_parallel: fsdp``, the seed's DO=true), or replicated with gradients all-reduced (``replicate``).
 
-Groups: one per decoder block (attention side over DP x CP), one per MoE layer's router and shared experts over
-the whole stage (their tokens differ on every rank of the stage, TP ranks included; when EP x ETP = 1 the
-routed experts join this group), and the root (embedding, final norm, lm_head). Expert-parallel weights are left
-to ``expert.reduce_expert_grads``. Gradients are summed, not averaged: the loss is already divided by the global
-number of loss tokens.
+Groups: one per decoder block (over DP x CP), and the root (embedding, final norm, lm_head). With tensor
+parallelism the MoE side of each block (shared experts; routed experts when EP x ETP = 1) is a group of its own
+over the whole stage: its tokens differ on every rank of the stage, TP ranks included. Without it, the block's
+group holds the MoE side too: fewer groups, so fewer FSDP hooks for the host to run per block and fewer breaks
+in a compiled block. Expert-parallel weights are left to ``expert.reduce_expert_grads``; the routers' weights
+stay whole fp32 tensors on every rank of the stage, outside FSDP, and ``reduce_replicated_grads`` sums their
+gradients. Gradients are summed, not averaged: the loss is already divided by the global number of loss tokens.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
@@ -26,19 +29,15 @@ def apply_fsdp(part: Transformer, meshes: Meshes, *, param_dtype: torch.dtype, r
     # Inside an MoE the inputs are left as they are: the routing weights must stay fp32 (FSDP would cast them
     # to the compute dtype), and activation checkpointing must see the same dtypes when it recomputes.
     moe_mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
-    router_mp = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32,
-                                     cast_forward_inputs=False)
     dense_mesh = meshes.dp_cp_replicate if replicate else meshes.dp_cp
     stage_mesh = meshes.stage_replicate if replicate else meshes.stage
+    ignored_params = set(ignored_params) | set(router_params(part))
     wrapped = []
     part.offloaded_blocks = list(part.model.layers.values())[:offload_blocks]
     for i, block in enumerate(part.model.layers.values()):
         offload: OffloadPolicy = CPUOffloadPolicy() if i < offload_blocks else OffloadPolicy()
-        if isinstance(block.mlp, MoE):
+        if isinstance(block.mlp, MoE) and meshes.dims.tp > 1:
             moe = block.mlp
-            # The router computes in fp32 whatever the compute dtype (the reference keeps it fp32 too).
-            wrapped.append(fully_shard(moe.gate, mesh=stage_mesh, mp_policy=router_mp, offload_policy=offload,
-                                       reshard_after_forward=reshard_after_forward))
             moe_modules = [m for m in (moe.shared_experts, moe.experts) if m is not None]
             wrapped.append(fully_shard(moe_modules, mesh=stage_mesh, mp_policy=moe_mp, offload_policy=offload,
                                        reshard_after_forward=reshard_after_forward, ignored_params=ignored_params))
@@ -52,6 +51,26 @@ def apply_fsdp(part: Transformer, meshes: Meshes, *, param_dtype: torch.dtype, r
         state_module(module).configured_reshard_after_forward = reshard_after_forward
     state_module(wrapped[-1]).configured_reshard_after_forward = False
     return wrapped
+
+
+def router_params(part: Transformer) -> list[nn.Parameter]:
+    """The routers' weights: fp32 on every rank of the stage whatever the compute dtype (routing decisions are
+    sensitive to rounding), 64 x 2048 each for Moonlight, so replicating them costs nothing."""
+    return [m.gate.weight for m in part.modules() if isinstance(m, MoE)]
+
+
+@torch.no_grad()
+def reduce_replicated_grads(params: list[nn.Parameter], meshes: Meshes) -> None:
+    """Sum the gradients of parameters held whole on every rank of a stage over that stage, in one collective."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if meshes.dims.stage_size == 1 or not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=meshes.stage.get_group())
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
 
 
 def state_module(module):
