@@ -229,20 +229,19 @@ def host_sync_sites(fn) -> dict:
 
 def host_profile(fn, top: int = 40) -> dict:
     """One call of ``fn`` under cProfile: host seconds, the functions with the most own time and the most
-    cumulative time, and the number of PyTorch operator calls (each one launches at least one kernel)."""
+    cumulative time; and, from a second call under the PyTorch profiler, the top-level operator calls and the
+    kernel launches the host issues. (Not a dispatch mode: one around a compiled block makes it eager for good.)"""
     import cProfile
     import pstats
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.profiler import ProfilerActivity, profile
 
-    class Count(TorchDispatchMode):
-        calls = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Count.calls += 1
-            return func(*args, **(kwargs or {}))
-
-    with Count():
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as counted:
         fn()
+    events = counted.events()
+    aten_calls = sum(1 for e in events if e.name.startswith("aten::")
+                     and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
+    launches = sum(1 for e in events if "LaunchKernel" in e.name)
     sync()
     prof = cProfile.Profile()
     t0 = time.perf_counter()
@@ -259,8 +258,8 @@ def host_profile(fn, top: int = 40) -> dict:
             out.append([f"{Path(file).name}:{line} {name}", nc, round(tt * 1000, 1), round(ct * 1000, 1)])
         return out
 
-    return {"host_s": round(host_s, 3), "aten_calls": Count.calls, "columns": ["function", "calls", "own_ms", "cum_ms"],
-            "by_own_time": rows(lambda kv: -kv[1][2]), "by_cumulative_time": rows(lambda kv: -kv[1][3])}
+    return {"host_s": round(host_s, 3), "aten_calls": aten_calls, "kernel_launches": launches,
+            "columns": ["function", "calls", "own_ms", "cum_ms"], "by_own_time": rows(lambda kv: -kv[1][2]), "by_cumulative_time": rows(lambda kv: -kv[1][3])}
 
 
 KERNEL_CLASSES = (  # (class, substrings of the kernel name), first match wins

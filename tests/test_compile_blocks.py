@@ -1,5 +1,5 @@
 """Whole-block torch.compile (``compile_blocks``): losses and gradients as close to an fp32 model as the eager
-bf16 model's, and the same routing statistics, with and without recomputation (CPU, inductor; bf16 because the
+bf16 model's, and the same routing statistics, with and without recomputation (full or offloaded) (CPU, inductor; bf16 because the
 grouped GEMM's compiled form needs it).
 
 Every token is routed to every expert here: with a real top-k choice, bf16 rounding flips near-tied choices
@@ -39,7 +39,7 @@ def data():
     return ids, docs
 
 
-@pytest.mark.parametrize("ac", ["none", "full", "sel"])
+@pytest.mark.parametrize("ac", ["none", "full", "offload"])
 def test_compiled_blocks_match_the_eager_model(data, ac):
     ids, docs = data
     reference = build_model(CONFIG, dtype=torch.float32, seed=3)
@@ -69,3 +69,23 @@ def test_compile_blocks_needs_bf16_compute():
     assert TrainConfig.from_dict({**base, "precision": "bf16", "compile_blocks": True}).compile_blocks
     with pytest.raises(ConfigError, match="'compile_blocks'.*precision: bf16"):
         TrainConfig.from_dict({**base, "precision": "fp32", "compile_blocks": True})
+    with pytest.raises(ConfigError, match="'compile_blocks'.*activation_checkpointing: sel"):
+        TrainConfig.from_dict({**base, "precision": "bf16", "compile_blocks": True, "activation_checkpointing": "sel"})
+
+
+def test_compiled_blocks_stay_compiled():
+    # Any dispatch mode around a compiled block (selective recomputation uses one) makes it fall back to eager for
+    # good; the plain training step must keep running compiled graphs, with no eager linear layers in the blocks.
+    from torch.profiler import ProfilerActivity, profile
+
+    model = build_model(CONFIG, dtype=torch.bfloat16, seed=3)
+    compile_blocks(model)
+    apply_activation_checkpointing(model, "full")
+    ids = torch.randint(0, CONFIG.vocab_size, (1, 32))
+    for _ in range(2):
+        model(ids, labels=ids).backward()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        model(ids, labels=ids).backward()
+    counts = {e.key: e.count for e in prof.key_averages()}
+    assert sum(v for k, v in counts.items() if "CompiledFxGraph" in k) >= 2 * CONFIG.num_hidden_layers
+    assert counts.get("aten::linear", 0) == 0

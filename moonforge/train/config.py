@@ -176,6 +176,10 @@ class TrainConfig:
         _choice(self.optimizer_state_dtype, ("fp32", "bf16"), "optimizer_state_dtype", fail)
         _choice(self.muon.router_optimizer, OPTIMIZERS, "muon.router_optimizer", fail)
         _choice(self.muon.ns_dtype, ("bf16", "fp32"), "muon.ns_dtype", fail)
+        if self.compile_blocks and self.activation_checkpointing == "sel":
+            fail("compile_blocks", "does not combine with activation_checkpointing: sel (selective recomputation "
+                 "runs each block under a dispatch mode, and compiled blocks then fall back to eager for good); use "
+                 "activation_checkpointing: full or none, or compile_blocks: false")
         if self.compile_blocks and self.precision not in ("bf16", "fp8"):
             fail("compile_blocks", f"needs bf16 compute (precision bf16 or fp8), got precision {self.precision!r}: "
                  "the compiled grouped GEMM of the experts takes bf16 only; set compile_blocks: false or precision: bf16")
