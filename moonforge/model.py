@@ -264,7 +264,8 @@ _COUNT_ROUTING = [True]
 
 @contextmanager
 def routing_counts_paused():
-    """Forward passes that are not training (e.g. a pipeline stage inferring its shapes) leave no counts."""
+    """Forward passes that are not training (a pipeline stage inferring its shapes, recomputation inside the
+    backward) leave no counts. A compiled block reads the flag as a guard: it gets one graph for each state."""
     previous = _COUNT_ROUTING[0]
     _COUNT_ROUTING[0] = False
     try:
@@ -311,15 +312,10 @@ class Router(nn.Module):
         if self.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         weights = weights * self.scaling
-        self._count(indices)
-        return weights, indices, scores
-
-    @torch.compiler.disable
-    def _count(self, indices: torch.Tensor) -> None:
-        # Skipped when activation checkpointing recomputes this forward inside backward: the first pass counted.
-        if _COUNT_ROUTING[0] and torch._C._current_graph_task_id() == -1:
+        if _COUNT_ROUTING[0]:  # paused while recomputation re-runs this forward: the first pass counted
             with torch.no_grad():
                 self.tokens_per_expert += expert_counts(indices, self.n_experts).float()
+        return weights, indices, scores
 
     def _limit_groups(self, scores: torch.Tensor, fill: float) -> torch.Tensor:
         """Keep the experts of the best ``topk_group`` groups: DeepSeek-V3 ranks groups by the sum of their
@@ -737,9 +733,10 @@ def compile_blocks(model: Transformer, backend: str = "inductor") -> None:
     instead of hundreds of separately launched operations per block and direction, which is what keeps the host
     behind the GPU at Moonlight's sizes.
 
-    Blocks of one kind share their compiled graphs (parameters are graph inputs). The graph breaks at the routing
-    statistics (kept out of the graph so that recomputation does not count twice) and around expert-parallel
-    dispatch, which runs eagerly. Each block's ``forward`` is replaced in place; parameter names do not change.
+    Blocks of one kind share their compiled graphs (parameters are graph inputs); a block is one graph, except
+    around expert-parallel dispatch, which runs eagerly. Recomputation re-runs the same compiled forward (with
+    routing counts paused: a second graph). Each block's ``forward`` is replaced in place; parameter names do not
+    change.
     """
     import torch._dynamo
 

@@ -155,3 +155,19 @@ def test_attention_mask_is_built_once_per_forward_even_when_fsdp_recreates_it():
     finally:
         m.attention = real
     assert len(seen) == 3 and len(set(seen)) == 1
+
+
+def test_recomputation_does_not_count_routing_twice():
+    from moonforge.parallel.checkpointing import apply_activation_checkpointing
+
+    config = preset("tiny")
+    ids = torch.randint(0, config.vocab_size, (2, 12))
+    counts = {}
+    for mode in ("none", "full", "sel", "offload"):
+        model = build_model(config, seed=5)
+        apply_activation_checkpointing(model, mode)
+        model(ids, labels=ids).backward()
+        counts[mode] = torch.stack([m.tokens_per_expert for m in model.modules() if isinstance(m, Router)])
+    assert counts["none"].sum() == 2 * 12 * config.num_experts_per_tok * len(counts["none"])
+    for mode in ("full", "sel", "offload"):
+        assert torch.equal(counts[mode], counts["none"]), mode

@@ -13,7 +13,7 @@ import functools
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from moonforge.model import Transformer
+from moonforge.model import Transformer, routing_counts_paused
 
 AC_MODES = ("none", "sel", "full", "offload")
 
@@ -65,10 +65,16 @@ def _wrap(forward, mode: str):
     context_fn = (functools.partial(create_selective_checkpoint_contexts, _selective_policy) if mode == "sel"
                   else None)
 
+    def run(*args, **kwargs):
+        if torch._C._current_graph_task_id() != -1:  # the re-run inside the backward: routing was counted already
+            with routing_counts_paused():
+                return forward(*args, **kwargs)
+        return forward(*args, **kwargs)
+
     @functools.wraps(forward)
     def recomputed(*args, **kwargs):
         if not torch.is_grad_enabled():
             return forward(*args, **kwargs)
         extra = {"context_fn": context_fn} if context_fn is not None else {}
-        return checkpoint(forward, *args, use_reentrant=False, preserve_rng_state=False, **extra, **kwargs)
+        return checkpoint(run, *args, use_reentrant=False, preserve_rng_state=False, **extra, **kwargs)
     return recomputed
