@@ -292,6 +292,10 @@ SETS=(
 if [ -n "${MOONFORGE_TOKENIZER:-}" ]; then
     SETS+=("data.tokenizer=$MOONFORGE_TOKENIZER")
 fi
+# The presets compile whole blocks; that needs bf16 compute and does not combine with selective recomputation.
+if { [ "$PRECISION" != bf16 ] && [ "$PRECISION" != fp8 ]; } || [ "$AC" = sel ]; then
+    SETS+=("compile_blocks=false")
+fi
 
 if [ "$ENV" = dsw ]; then
     NNODES=1
