@@ -76,3 +76,16 @@ class _ReduceScatter(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return _gather(grad, ctx.group, ctx.dim), None, None
+
+
+@torch.no_grad()
+def all_reduce_in_place(tensors: list[torch.Tensor], group) -> None:
+    """Sum each tensor over ``group`` in place, with one collective for all of them (same dtype)."""
+    if not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, group=group)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()

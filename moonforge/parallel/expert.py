@@ -33,7 +33,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from moonforge.model import KERNELS, GroupedExperts, MoE, expert_ffn, sort_by_expert
-from moonforge.parallel.comm import all_gather, all_to_all, reduce_scatter
+from moonforge.parallel.comm import all_gather, all_reduce_in_place, all_to_all, reduce_scatter
 from moonforge.parallel.mesh import Meshes
 
 
@@ -240,11 +240,4 @@ def reduce_expert_grads(expert_params: list[nn.Parameter], meshes: Meshes) -> No
     """Sum expert gradients over EDP replicas (FSDP does not manage expert parameters)."""
     if meshes.dims.edp == 1 or not expert_params:
         return
-    group = meshes.group("edp")
-    grads = [_local(p.grad) for p in expert_params if p.grad is not None]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=group)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
+    all_reduce_in_place([_local(p.grad) for p in expert_params if p.grad is not None], meshes.group("edp"))

@@ -13,11 +13,11 @@ gradients. Gradients are summed, not averaged: the loss is already divided by th
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 from moonforge.model import MoE, Transformer
+from moonforge.parallel.comm import all_reduce_in_place
 from moonforge.parallel.mesh import Meshes
 
 
@@ -62,15 +62,8 @@ def router_params(part: Transformer) -> list[nn.Parameter]:
 @torch.no_grad()
 def reduce_replicated_grads(params: list[nn.Parameter], meshes: Meshes) -> None:
     """Sum the gradients of parameters held whole on every rank of a stage over that stage, in one collective."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if meshes.dims.stage_size == 1 or not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=meshes.stage.get_group())
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
+    if meshes.dims.stage_size > 1:
+        all_reduce_in_place([p.grad for p in params if p.grad is not None], meshes.stage.get_group())
 
 
 def state_module(module):
