@@ -116,6 +116,11 @@ class _MaskCache:
     def __init__(self):
         self.items: dict = {}
 
+    def get(self, key: str, build):
+        if key not in self.items:
+            self.items[key] = build()
+        return self.items[key]
+
 
 @dataclass
 class AttentionMask:
@@ -133,11 +138,7 @@ class AttentionMask:
     backend: str = "sdpa"
     # Derived masks, built on first use. A holder object, not a dict: FSDP re-creates this dataclass for every
     # block (``dataclasses.replace``) and copies dicts, so only a shared holder lets all blocks see one build.
-    cache: "_MaskCache" = field(default_factory=lambda: _MaskCache(), repr=False, compare=False)
-
-    @property
-    def _cache(self) -> dict:
-        return self.cache.items
+    cache: _MaskCache = field(default_factory=_MaskCache, repr=False, compare=False)
 
     @property
     def is_plain_causal(self) -> bool:
@@ -145,29 +146,25 @@ class AttentionMask:
 
     def dense(self, q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
         """Boolean mask [B or 1, 1, q_len, k_len], True where attention is allowed."""
-        if "dense" not in self._cache:
+        def build():
             qi = self.query_index if self.query_index is not None else torch.arange(q_len, device=device)
             ki = self.key_index if self.key_index is not None else torch.arange(k_len, device=device)
             allowed = (ki[None, :] <= qi[:, None])[None]
             if self.document_ids is not None:
                 kd = self.key_document_ids if self.key_document_ids is not None else self.document_ids
                 allowed = allowed & (self.document_ids[:, :, None] == kd[:, None, :])
-            self._cache["dense"] = allowed[:, None]
-        return self._cache["dense"]
+            return allowed[:, None]
+        return self.cache.get("dense", build)
 
     def cu_seqlens(self) -> torch.Tensor:
-        if "cu" not in self._cache:
-            from moonforge.attention import cu_seqlens
+        from moonforge.attention import cu_seqlens
 
-            self._cache["cu"] = cu_seqlens(self.document_ids)
-        return self._cache["cu"]
+        return self.cache.get("cu", lambda: cu_seqlens(self.document_ids))
 
     def block_mask(self, q_len: int, k_len: int, device: torch.device):
-        if "block" not in self._cache:
-            from moonforge.attention import build_block_mask
+        from moonforge.attention import build_block_mask
 
-            self._cache["block"] = build_block_mask(self, q_len, k_len, device)
-        return self._cache["block"]
+        return self.cache.get("block", lambda: build_block_mask(self, q_len, k_len, device))
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, scale: float) -> torch.Tensor:

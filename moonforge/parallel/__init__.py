@@ -106,6 +106,9 @@ def parallelize(model: Transformer, meshes: Meshes, *, param_dtype: torch.dtype 
                 offload_fraction: float = 0.0, ep_dispatcher: str = "alltoall",
                 cache_expert_casts: bool = True) -> ParallelModel:
     """Parallelise a model built on the meta device; materialise with ``materialize`` afterwards."""
+    if compile_blocks and activation_checkpointing == "sel":
+        raise ValueError("compile_blocks does not combine with selective recomputation (its dispatch mode makes "
+                         "compiled blocks fall back to eager); use full recomputation or none")
     dims = meshes.dims
     if dims.pp > 1:
         if model.config.tie_word_embeddings:
@@ -127,9 +130,6 @@ def parallelize(model: Transformer, meshes: Meshes, *, param_dtype: torch.dtype 
                 moe.seq_group = meshes.cp_tp.get_group()
         if compile or compile_blocks:
             compile_kernels()  # also what runs outside compiled blocks: expert dispatch, gradient accumulation
-        if compile_blocks and activation_checkpointing == "sel":
-            raise ValueError("compile_blocks does not combine with selective recomputation (its dispatch mode makes "
-                             "compiled blocks fall back to eager); use full recomputation or none")
         if compile_blocks:  # before recomputation wraps them: checkpointing then re-runs the compiled forward
             compile_each_block(part)
         apply_activation_checkpointing(part, activation_checkpointing, ac_layers)

@@ -108,7 +108,7 @@ class Trainer:
                          reshard_after_forward=(cfg.parallel.reshard_after_forward and self.dims.pp == 1
                                                 and self.dims.stage_size > 1),
                          activation_checkpointing=cfg.activation_checkpointing, ac_layers=cfg.ac_layers,
-                         compile=cfg.compile or cfg.compile_blocks, compile_blocks=cfg.compile_blocks,
+                         compile=cfg.compile, compile_blocks=cfg.compile_blocks,
                          attention_backend=cfg.attention_backend,
                          offload_fraction=cfg.optimizer_offload, ep_dispatcher=cfg.parallel.ep_dispatcher,
                          cache_expert_casts=cfg.parallel.cache_expert_casts)
