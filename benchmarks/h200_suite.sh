@@ -17,6 +17,7 @@
 #   bash benchmarks/h200_suite.sh two-h OUTDIR  # two H200s: 27-layer pretraining and packed SFT with and without whole-block compile
 #   bash benchmarks/h200_suite.sh blocks-c OUTDIR # one H200: GPU time by kernel kind with blocks compiled; full-model SFT with them
 #   bash benchmarks/h200_suite.sh blocks-d OUTDIR # one H200: kernels then blocks, idle time counted from kernels only
+#   bash benchmarks/h200_suite.sh defer OUTDIR  # one H200: gradients reduced once per step (as two GPUs do) or per micro-batch
 # Each run writes one JSON (see benchmarks/train_bench.py); a failing run records its error and the suite goes on.
 set -u
 MODE=$1; OUT=$2; mkdir -p "$OUT"
@@ -165,4 +166,10 @@ if [ "$MODE" = blocks-d ]; then  # one H200: idle time without the GPU-side anno
   COMMON="--layers 27 --experts 8 --engine fsdp --mbs 1 --gbs 4 --state-dtype bf16 --compile --steps 3 --warmup 2"
   bench host_27l_e8_4k_h200_kernels_d 1 200 $COMMON --seq 4096 --ac none
   bench host_27l_e8_4k_h200_blocks_d 1 200 $COMMON --seq 4096 --ac none --compile-blocks
+fi
+if [ "$MODE" = defer ]; then  # one H200, blocks compiled: FSDP reduces once per step (the multi-GPU default) or per micro-batch
+  COMMON="--layers 27 --experts 8 --engine fsdp --mbs 1 --gbs 4 --state-dtype bf16 --compile --compile-blocks --steps 3 \
+    --warmup 2 --seq 4096 --ac none --host-profile"
+  bench host_27l_e8_4k_h200_blocks_defer 1 200 $COMMON --set parallel.defer_grad_sync=true --sync-audit
+  bench host_27l_e8_4k_h200_blocks_nodefer 1 200 $COMMON --set parallel.defer_grad_sync=false
 fi
