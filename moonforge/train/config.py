@@ -40,8 +40,8 @@ class ParallelConfig:
     # EP: keep the bf16 copies of the expert weights for the whole step (one cast per step); false casts them per
     # use, forward and backward: 14 GB less per GPU at Moonlight EP 2, for a few % more time
     cache_expert_casts: bool = True
-    # FSDP: one gradient reduction per step, weights kept gathered in between; default: on when several ranks
-    # train with pp 1 and no optimizer offload
+    # FSDP: one gradient reduction per step, weights kept gathered in between; default: on with pp 1 and no
+    # optimizer offload
     defer_grad_sync: bool | None = None
 
 

@@ -60,7 +60,8 @@ class Trainer:
         self.grad_accum = cfg.global_batch_size // (mbs * dp)
         self.defer_grad_sync = cfg.parallel.defer_grad_sync
         if self.defer_grad_sync is None:
-            self.defer_grad_sync = self.world > 1 and self.dims.pp == 1 and not cfg.optimizer_offload
+            # One rank too: its FSDP "reduce-scatter" is a copy in and out of every gradient per micro-batch.
+            self.defer_grad_sync = self.dims.pp == 1 and not cfg.optimizer_offload
         if self.defer_grad_sync and self.dims.pp > 1:
             raise ConfigError("parallel.defer_grad_sync needs pp 1: the pipeline schedule drives FSDP's gradient "
                               "synchronisation itself")
