@@ -18,6 +18,7 @@
 #   bash benchmarks/h200_suite.sh blocks-c OUTDIR # one H200: GPU time by kernel kind with blocks compiled; full-model SFT with them
 #   bash benchmarks/h200_suite.sh blocks-d OUTDIR # one H200: kernels then blocks, idle time counted from kernels only
 #   bash benchmarks/h200_suite.sh defer OUTDIR  # one H200: gradients reduced once per step (as two GPUs do) or per micro-batch
+#   bash benchmarks/h200_suite.sh fp8 OUTDIR    # one H200: precision fp8 against bf16, 27 layers x 8 experts, seq 4096 and packed SFT
 # Each run writes one JSON (see benchmarks/train_bench.py); a failing run records its error and the suite goes on.
 set -u
 MODE=$1; OUT=$2; mkdir -p "$OUT"
@@ -172,4 +173,13 @@ if [ "$MODE" = defer ]; then  # one H200, blocks compiled: FSDP reduces once per
     --warmup 2 --seq 4096 --ac none --host-profile"
   bench host_27l_e8_4k_h200_blocks_defer 1 200 $COMMON --set parallel.defer_grad_sync=true --sync-audit
   bench host_27l_e8_4k_h200_blocks_nodefer 1 200 $COMMON --set parallel.defer_grad_sync=false
+fi
+if [ "$MODE" = fp8 ]; then  # one H200, blocks compiled: FP8 products (rowwise, weight gradient in bf16) against bf16
+  COMMON="--layers 27 --experts 8 --engine fsdp --mbs 1 --gbs 4 --state-dtype bf16 --compile --compile-blocks --steps 3 \
+    --warmup 2"
+  SFT="--seq 8192 --ac full --ac-layers 17 --attention varlen --packed 8"
+  bench host_27l_e8_4k_h200_bf16 1 150 $COMMON --seq 4096 --ac none
+  bench host_27l_e8_4k_h200_fp8 1 150 $COMMON --seq 4096 --ac none --precision fp8
+  bench host_27l_e8_sft8k_h200_fp8 1 150 $COMMON $SFT --precision fp8
+  bench host_27l_e8_sft8k_h200_bf16 1 150 $COMMON $SFT
 fi

@@ -355,8 +355,8 @@ def _category(evt) -> str:
         return "dispatch_combine"
     if scope == "mf.loss" or "linearcrossentropy" in name:
         return "lm_head_loss"
-    if name in ("aten::mm", "aten::addmm", "aten::matmul", "aten::linear", "aten::bmm") or "mmbackward" in name \
-            or "addmmbackward" in name:
+    if name in ("aten::mm", "aten::addmm", "aten::matmul", "aten::linear", "aten::bmm", "aten::_scaled_mm") \
+            or "mmbackward" in name or "addmmbackward" in name:
         return "dense_matmul"
     return "other"
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from moonforge import fp8
 from moonforge.config import ModelConfig, yarn_mscale
 
 IGNORE_INDEX = -100
@@ -196,6 +197,17 @@ _GPU_SDPA_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBa
                    SDPBackend.MATH]
 
 
+class Linear(nn.Linear):
+    """``nn.Linear`` whose products can run in FP8 (``enable_fp8``); its state is nn.Linear's."""
+
+    fp8 = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fp8:
+            return fp8.linear(x, self.weight)
+        return F.linear(x, self.weight, self.bias)
+
+
 class MLA(nn.Module):
     """Multi-head Latent Attention: keys and values are rebuilt from a 512-dim latent plus a shared RoPE key."""
 
@@ -208,15 +220,15 @@ class MLA(nn.Module):
         self.q_lora_rank = c.q_lora_rank
         n_heads = c.num_attention_heads
         if c.q_lora_rank is None:
-            self.q_proj = nn.Linear(c.hidden_size, n_heads * self.qk_dim, bias=False)
+            self.q_proj = Linear(c.hidden_size, n_heads * self.qk_dim, bias=False)
         else:
-            self.q_a_proj = nn.Linear(c.hidden_size, c.q_lora_rank, bias=c.attention_bias)
+            self.q_a_proj = Linear(c.hidden_size, c.q_lora_rank, bias=c.attention_bias)
             self.q_a_layernorm = RMSNorm(c.q_lora_rank, c.kv_a_layernorm_eps)
-            self.q_b_proj = nn.Linear(c.q_lora_rank, n_heads * self.qk_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim, bias=c.attention_bias)
+            self.q_b_proj = Linear(c.q_lora_rank, n_heads * self.qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = Linear(c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim, bias=c.attention_bias)
         self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, c.kv_a_layernorm_eps)
-        self.kv_b_proj = nn.Linear(c.kv_lora_rank, n_heads * (c.qk_nope_head_dim + c.v_head_dim), bias=False)
-        self.o_proj = nn.Linear(n_heads * c.v_head_dim, c.hidden_size, bias=c.attention_bias)
+        self.kv_b_proj = Linear(c.kv_lora_rank, n_heads * (c.qk_nope_head_dim + c.v_head_dim), bias=False)
+        self.o_proj = Linear(n_heads * c.v_head_dim, c.hidden_size, bias=c.attention_bias)
         self.softmax_scale = c.softmax_scale()
         # Parallelisms that act on the compressed KV add functions (c_kv, k_pe) -> (c_kv, k_pe) here: context
         # parallelism gathers the whole sequence, tensor parallelism sums the shared RoPE key's gradient over heads.
@@ -248,9 +260,9 @@ class MLP(nn.Module):
 
     def __init__(self, hidden: int, inter: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, inter, bias=False)
-        self.up_proj = nn.Linear(hidden, inter, bias=False)
-        self.down_proj = nn.Linear(inter, hidden, bias=False)
+        self.gate_proj = Linear(hidden, inter, bias=False)
+        self.up_proj = Linear(hidden, inter, bias=False)
+        self.down_proj = Linear(inter, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(KERNELS.swiglu(self.gate_proj(x), self.up_proj(x)))
@@ -342,6 +354,8 @@ class GroupedExperts(nn.Module):
     ``down_proj`` is [E, H, I].
     """
 
+    fp8 = False  # products in FP8 (``enable_fp8``)
+
     def __init__(self, n_experts: int, hidden: int, inter: int):
         super().__init__()
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2, inter, hidden))
@@ -351,7 +365,7 @@ class GroupedExperts(nn.Module):
         """x [T, H], weights/indices [T, k] -> sum over the k chosen experts of weight * expert(x): [T, H]."""
         n_tokens, top_k = indices.shape
         order, counts = sort_by_expert(indices, self.gate_up_proj.shape[0])
-        h = expert_ffn(x[order // top_k], self.gate_up_proj, self.down_proj, counts)
+        h = expert_ffn(x[order // top_k], self.gate_up_proj, self.down_proj, counts, fp8=self.fp8)
         return KERNELS.combine(h, order, weights)
 
     def reset_parameters(self, std: float) -> None:
@@ -371,14 +385,15 @@ def sort_by_expert(indices: torch.Tensor, n_experts: int) -> tuple[torch.Tensor,
 
 
 def expert_ffn(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, counts: torch.Tensor,
-               weights_again=None) -> torch.Tensor:
+               weights_again=None, fp8: bool = False) -> torch.Tensor:
     """SwiGLU of rows grouped by expert: x [N, H] sorted by expert, counts [E] rows per expert.
 
     The backward rebuilds the SwiGLU output from the saved gate/up projections instead of keeping it (an [N, I]
     activation per MoE layer less). ``weights_again``, when given, is called in the backward to rebuild the
-    compute-dtype (gate_up, down) instead of keeping the forward's copies alive until then.
+    compute-dtype (gate_up, down) instead of keeping the forward's copies alive until then. ``fp8``: the
+    forward and input-gradient products in rowwise-scaled FP8 (see ``moonforge.fp8``).
     """
-    return _ExpertFFN.apply(x, gate_up, down, counts, weights_again)
+    return _ExpertFFN.apply(x, gate_up, down, counts, weights_again, fp8)
 
 
 class _ExpertFFN(torch.autograd.Function):
@@ -386,14 +401,23 @@ class _ExpertFFN(torch.autograd.Function):
     ``torch._grouped_mm``."""
 
     @staticmethod
-    def forward(ctx, x, gate_up, down, counts, weights_again):
+    def forward(ctx, x, gate_up, down, counts, weights_again, use_fp8):
         n_experts, _, inter, hidden = gate_up.shape
         offs = counts.cumsum(0).to(torch.int32)
         w13 = gate_up.to(x.dtype).reshape(n_experts, 2 * inter, hidden)
-        h = torch._grouped_mm(x, w13.transpose(1, 2), offs=offs)
+        if use_fp8:
+            h = fp8.scaled_grouped_mm(*fp8.quantize_rows(x), *fp8.quantize_rows(w13), offs, x.dtype, fast_accum=True)
+        else:
+            h = torch._grouped_mm(x, w13.transpose(1, 2), offs=offs)
         gate, up = h.split(inter, dim=-1)
-        out = torch._grouped_mm(KERNELS.swiglu(gate, up), down.to(x.dtype).transpose(1, 2), offs=offs)
+        act = KERNELS.swiglu(gate, up)
+        if use_fp8:
+            out = fp8.scaled_grouped_mm(*fp8.quantize_rows(act), *fp8.quantize_rows(down.to(x.dtype)), offs, x.dtype,
+                                        fast_accum=True)
+        else:
+            out = torch._grouped_mm(act, down.to(x.dtype).transpose(1, 2), offs=offs)
         ctx.weights_again = weights_again
+        ctx.use_fp8 = use_fp8
         if weights_again is None:
             ctx.save_for_backward(x, h, offs, gate_up, down)
         else:
@@ -412,15 +436,23 @@ class _ExpertFFN(torch.autograd.Function):
         gate, up = h.split(inter, dim=-1)
         act = KERNELS.swiglu(gate, up)
         grad = grad.contiguous()
-        d_act = torch._grouped_mm(grad, down.to(x.dtype), offs=offs)
+        if ctx.use_fp8:  # weights quantised along their output dimension, the one these products contract
+            d_act = fp8.scaled_grouped_mm(*fp8.quantize_rows(grad),
+                                          *fp8.quantize_rows(down.to(x.dtype).transpose(1, 2)), offs, grad.dtype)
+        else:
+            d_act = torch._grouped_mm(grad, down.to(x.dtype), offs=offs)
         d_down = torch._grouped_mm(grad.transpose(0, 1), act, offs=offs)
         del act
         d_h = KERNELS.swiglu_backward(gate, up, d_act)
         del d_act
-        d_x = torch._grouped_mm(d_h, w13, offs=offs)
+        if ctx.use_fp8:
+            d_x = fp8.scaled_grouped_mm(*fp8.quantize_rows(d_h), *fp8.quantize_rows(w13.transpose(1, 2)), offs,
+                                        grad.dtype)
+        else:
+            d_x = torch._grouped_mm(d_h, w13, offs=offs)
         d_gate_up = torch._grouped_mm(d_h.transpose(0, 1), x, offs=offs)
         # ``weights_again`` rebuilds the forward's tensors, so their dtypes are the inputs' dtypes.
-        return d_x, d_gate_up.view(gate_up.shape).to(gate_up.dtype), d_down.to(down.dtype), None, None
+        return d_x, d_gate_up.view(gate_up.shape).to(gate_up.dtype), d_down.to(down.dtype), None, None, None
 
 
 def swiglu_backward(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -740,6 +772,23 @@ def compile_blocks(model: Transformer, backend: str = "inductor") -> None:
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     for block in model.model.layers.values():
         block.forward = torch.compile(block.forward, backend=backend, dynamic=False)
+
+
+def enable_fp8(model: nn.Module) -> list[str]:
+    """Run the products of the attention and feed-forward projections and of the routed experts in FP8
+    (``moonforge.fp8``); returns the names of the modules switched. The LM head, the embedding and the router
+    stay in their precision, as do products whose dimensions FP8 cannot take (not multiples of 16) and linears
+    with a bias. Call before tensor parallelism (FP8 products take whole weights)."""
+    switched = []
+    for name, module in model.named_modules():
+        if isinstance(module, Linear) and module.bias is None and fp8.supported_shape(*module.weight.shape):
+            module.fp8 = True
+        elif isinstance(module, GroupedExperts) and fp8.supported_shape(*module.down_proj.shape[1:]):
+            module.fp8 = True
+        else:
+            continue
+        switched.append(name)
+    return switched
 
 
 def build_model(config: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,

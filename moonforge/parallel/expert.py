@@ -122,7 +122,7 @@ class _ParallelExperts:
         if self.ep > 1:
             h = self._dispatch_compute_combine(routed, counts, gate_up, down, again)
         else:
-            h = expert_ffn(routed, gate_up, down, counts, again)
+            h = expert_ffn(routed, gate_up, down, counts, again, fp8=self.experts.fp8)
         return KERNELS.combine(h, order, weights)
 
     def _gather_compute_scatter(self, x, weights, indices, gate_up, down, again) -> torch.Tensor:
@@ -136,7 +136,8 @@ class _ParallelExperts:
         key = torch.where((key >= 0) & (key < local_experts), key, local_experts)
         order, counts = sort_by_expert(key, local_experts + 1)
         n_local = key.numel() - int(counts[-1])  # one host sync per layer
-        h = expert_ffn(x[order[:n_local] // top_k], gate_up, down, counts[:-1], again)
+        h = expert_ffn(x[order[:n_local] // top_k], gate_up, down, counts[:-1], again,
+                       fp8=self.experts.fp8)
         h = torch.cat([h, h.new_zeros(key.numel() - n_local, h.shape[1])])
         return reduce_scatter(KERNELS.combine(h, order, weights), self.ep_group)
 
@@ -154,7 +155,7 @@ class _ParallelExperts:
         segment_of_row = torch.repeat_interleave((segment % local_experts) * ep + segment // local_experts,
                                                  recv.flatten(), output_size=received.shape[0])
         by_expert = segment_of_row.argsort(stable=True)
-        h = expert_ffn(received[by_expert], gate_up, down, recv.sum(0), again)
+        h = expert_ffn(received[by_expert], gate_up, down, recv.sum(0), again, fp8=self.experts.fp8)
         h = torch.empty_like(h).index_copy_(0, by_expert, h)
         return all_to_all(h, send_splits, recv_splits, self.ep_group)
 

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from moonforge.config import ConfigError, ModelConfig, preset
-from moonforge.model import Transformer, positions_from_documents
+from moonforge.model import Transformer, enable_fp8, positions_from_documents
 from moonforge.parallel import ParallelDims, ParallelModel, build_meshes, clip_grad_norm, init_distributed, \
     materialize, parallelize
 from moonforge.parallel.context import shard_sequence
@@ -74,7 +74,8 @@ class Trainer:
         self.output_dir = Path(cfg.output_dir)
         # One GPU and mixed precision: flat buffers and a fused optimizer instead of single-rank FSDP.
         # With optimizer_offload its state streams from host memory (bf16 only; fp16 keeps FSDP's CPU offload).
-        self.flat = (self.single_gpu_flat and self.world == 1 and self.device.type == "cuda" and cfg.precision in ("bf16", "fp16")
+        self.flat = (self.single_gpu_flat and self.world == 1 and self.device.type == "cuda"
+                     and cfg.precision in ("bf16", "fp16", "fp8")
                      and cfg.optimizer == "adamw" and (not cfg.optimizer_offload or cfg.precision == "bf16"))
         self.pm = self._build_model()
         if cfg.init_from and not self._resumable():
@@ -100,6 +101,10 @@ class Trainer:
         cfg = self.cfg
         with torch.device("meta"):
             model = Transformer(self.model_config)
+        if cfg.precision == "fp8":
+            switched = enable_fp8(model)
+            logger.info("fp8: %d modules compute their products in FP8 (%s ...)", len(switched),
+                        ", ".join(switched[:3]))
         param_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
                        "fp8": torch.bfloat16}[cfg.precision]
         use_fsdp = not self.flat and (self.dims.stage_size > 1 or param_dtype != torch.float32)
@@ -130,7 +135,7 @@ class Trainer:
         return FlatAdamW(list(self.pm.named_parameters()), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                          eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
                          no_decay=lambda n, p: not norm_decay and is_no_decay(n, p),
-                         compute_dtype=torch.bfloat16 if cfg.precision == "bf16" else torch.float16,
+                         compute_dtype=torch.float16 if cfg.precision == "fp16" else torch.bfloat16,
                          keep_fp32=lambda n: cfg.router_fp32 and n.endswith("mlp.gate.weight"),
                          accumulate_fp32=self.grad_accum > 1,
                          moment_dtype=torch.bfloat16 if cfg.optimizer_state_dtype == "bf16" else torch.float32,
@@ -470,10 +475,11 @@ def _parallel_kwargs(cfg: TrainConfig) -> dict:
 
 
 def _check_precision(precision: str, device: torch.device) -> None:
-    if precision == "fp8":
-        raise ConfigError("precision fp8 (the seed's PR=fp8) is not implemented yet: FP8 linears and grouped GEMMs "
-                          "are planned; use bf16")
-    if precision in ("bf16", "fp16") and device.type == "cpu":
+    if precision == "fp8" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        raise ConfigError(f"precision fp8 needs FP8 tensor cores (compute capability 8.9 or newer: Ada, Hopper); "
+                          f"{torch.cuda.get_device_name(device)} has "
+                          f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}; use precision: bf16")
+    if precision in ("bf16", "fp16", "fp8") and device.type == "cpu":
         logger.warning("precision %s on the CPU is slow; fp32 is the usual choice there", precision)
 
 

@@ -1,0 +1,95 @@
+"""FP8 matrix products for training (precision ``fp8``, the seed's PR=fp8): rowwise-scaled e4m3.
+
+The recipe is "rowwise with the weight gradient in high precision": the forward product and the input-gradient
+product run in FP8 with one scale per row of each operand along the contracted dimension, and the weight
+gradient stays a bf16 product. Two of every three GEMM FLOPs thereby use Hopper's FP8 tensor cores, while the
+accumulated weight update never sees FP8 rounding, and no activation needs quantising along the token axis
+(which would take a transposed copy). Activations are kept in bf16 for the backward, as without FP8.
+
+Scales are computed from each row's absolute maximum at every use (current scaling, no amax history), so a
+product never overflows. Weights are quantised once per use too: ``[out, in]`` along ``in`` for the forward and
+along ``out`` for the input gradient.
+
+``torch._scaled_mm`` and ``torch._scaled_grouped_mm`` (CUTLASS on sm89+/sm90) do the products on GPUs; on a
+CPU the linear uses ``torch._scaled_mm``'s CPU kernel and the grouped product a loop of those, so the numerics
+can be tested anywhere (slowly).
+"""
+
+from __future__ import annotations
+
+import torch
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = float(torch.finfo(E4M3).max)  # 448
+ALIGNMENT = 16  # both matrix dimensions of an FP8 product must be multiples of this
+
+
+def supported_shape(*dims: int) -> bool:
+    """Whether a product over these matrix dimensions can run in FP8 (else it stays bf16)."""
+    return all(d % ALIGNMENT == 0 for d in dims)
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., K] -> (q [..., K] e4m3, contiguous; scale [..., 1] fp32) with x ~= q * scale per row.
+
+    The scale maps each row's absolute maximum onto e4m3's largest value; all-zero rows get a tiny scale and
+    quantise to zeros.
+    """
+    xf = x.float()
+    scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / E4M3_MAX
+    q = (xf / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+    return q.contiguous(), scale
+
+
+def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale
+
+
+def scaled_mm(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor, out_dtype: torch.dtype,
+              fast_accum: bool = False) -> torch.Tensor:
+    """(a * sa) @ (b * sb).T for a [M, K], b [N, K] (both e4m3, row-major), sa [M, 1], sb [N, 1]: [M, N]."""
+    return torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb.view(1, -1), out_dtype=out_dtype,
+                            use_fast_accum=fast_accum and a.is_cuda)
+
+
+def scaled_grouped_mm(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor, offs: torch.Tensor,
+                      out_dtype: torch.dtype, fast_accum: bool = False) -> torch.Tensor:
+    """Rows of a [T, K] grouped by ``offs`` (int32 cumulative ends, one per group) times each group's
+    b[g] [N, K] transposed: [T, N]. sa [T, 1], sb [G, N, 1]. Rows past offs[-1] are left zero."""
+    if a.is_cuda:
+        return torch._scaled_grouped_mm(a, b.transpose(1, 2), sa.view(-1), sb.view(b.shape[0], -1), offs=offs,
+                                        out_dtype=out_dtype, use_fast_accum=fast_accum)
+    out = torch.zeros(a.shape[0], b.shape[1], dtype=out_dtype, device=a.device)
+    start = 0
+    for g, end in enumerate(offs.tolist()):
+        if end > start:
+            out[start:end] = scaled_mm(a[start:end], sa[start:end], b[g], sb[g], out_dtype)
+        start = end
+    return out
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, weight)`` (no bias) with the forward and input-gradient products in FP8."""
+    return _Fp8Linear.apply(x, weight)
+
+
+class _Fp8Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight):
+        x2 = x.reshape(-1, x.shape[-1])
+        qx, sx = quantize_rows(x2)
+        qw, sw = quantize_rows(weight)
+        out = scaled_mm(qx, sx, qw, sw, x.dtype, fast_accum=True)
+        ctx.save_for_backward(x2, weight)
+        ctx.in_shape = x.shape
+        return out.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, weight = ctx.saved_tensors
+        g2 = grad.reshape(-1, grad.shape[-1])
+        qg, sg = quantize_rows(g2)
+        qwt, swt = quantize_rows(weight.t())  # [in, out]: scales along the contracted ``out``
+        d_x = scaled_mm(qg, sg, qwt, swt, grad.dtype)
+        d_w = g2.t().to(x2.dtype) @ x2
+        return d_x.view(ctx.in_shape), d_w.to(weight.dtype)
