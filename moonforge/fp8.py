@@ -10,9 +10,9 @@ Scales are computed from each row's absolute maximum at every use (current scali
 product never overflows. Weights are quantised once per use too: ``[out, in]`` along ``in`` for the forward and
 along ``out`` for the input gradient.
 
-``torch._scaled_mm`` and ``torch._scaled_grouped_mm`` (CUTLASS on sm89+/sm90) do the products on GPUs; on a
-CPU the linear uses ``torch._scaled_mm``'s CPU kernel and the grouped product a loop of those, so the numerics
-can be tested anywhere (slowly).
+``torch._scaled_mm`` and ``torch._scaled_grouped_mm`` (CUTLASS on sm89+/sm90) do the products on GPUs. Elsewhere
+the same products are formed from the dequantised operands in fp32 (their definition; torch's CPU kernel takes
+only one scale per tensor), so the recipe's numerics can be tested anywhere, slowly.
 """
 
 from __future__ import annotations
@@ -48,8 +48,10 @@ def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 def scaled_mm(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor, out_dtype: torch.dtype,
               fast_accum: bool = False) -> torch.Tensor:
     """(a * sa) @ (b * sb).T for a [M, K], b [N, K] (both e4m3, row-major), sa [M, 1], sb [N, 1]: [M, N]."""
+    if not a.is_cuda:
+        return (dequantize_rows(a, sa) @ dequantize_rows(b, sb).t()).to(out_dtype)
     return torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb.view(1, -1), out_dtype=out_dtype,
-                            use_fast_accum=fast_accum and a.is_cuda)
+                            use_fast_accum=fast_accum)
 
 
 def scaled_grouped_mm(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor, offs: torch.Tensor,
