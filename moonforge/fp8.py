@@ -57,10 +57,19 @@ def scaled_mm(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tens
 def scaled_grouped_mm(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor, offs: torch.Tensor,
                       out_dtype: torch.dtype, fast_accum: bool = False) -> torch.Tensor:
     """Rows of a [T, K] grouped by ``offs`` (int32 cumulative ends, one per group) times each group's
-    b[g] [N, K] transposed: [T, N]. sa [T, 1], sb [G, N, 1]. Rows past offs[-1] are left zero."""
+    b[g] [N, K] transposed: [T, N]. sa [T, 1], sb [G, N, 1]. Rows past offs[-1] are left zero (off the GPU)."""
+    return _scaled_grouped_mm(a, sa, b, sb, offs, out_dtype, fast_accum)
+
+
+# An opaque operator to torch.compile: the CUTLASS kernel needs a row-major and b column-major, and a compiled
+# graph may otherwise hand it an operand in whatever layout the compiler chose for that buffer.
+@torch.library.custom_op("moonforge::scaled_grouped_mm", mutates_args=())
+def _scaled_grouped_mm(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor, offs: torch.Tensor,
+                       out_dtype: torch.dtype, fast_accum: bool) -> torch.Tensor:
     if a.is_cuda:
-        return torch._scaled_grouped_mm(a, b.transpose(1, 2), sa.view(-1), sb.view(b.shape[0], -1), offs=offs,
-                                        out_dtype=out_dtype, use_fast_accum=fast_accum)
+        return torch._scaled_grouped_mm(a.contiguous(), b.contiguous().transpose(1, 2), sa.reshape(-1).contiguous(),
+                                        sb.reshape(b.shape[0], -1).contiguous(), offs=offs, out_dtype=out_dtype,
+                                        use_fast_accum=fast_accum)
     out = torch.zeros(a.shape[0], b.shape[1], dtype=out_dtype, device=a.device)
     start = 0
     for g, end in enumerate(offs.tolist()):
@@ -68,6 +77,11 @@ def scaled_grouped_mm(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: to
             out[start:end] = scaled_mm(a[start:end], sa[start:end], b[g], sb[g], out_dtype)
         start = end
     return out
+
+
+@_scaled_grouped_mm.register_fake
+def _(a, sa, b, sb, offs, out_dtype, fast_accum):
+    return a.new_empty(a.shape[0], b.shape[1], dtype=out_dtype)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

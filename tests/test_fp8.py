@@ -151,19 +151,20 @@ def test_fp8_training_follows_bf16_on_real_text(tmp_path, tokenizer_dir):
     assert bf16 != f8  # FP8 really computed something
 
 
-@pytest.mark.skipif(not CUDA, reason="needs a GPU with FP8 tensor cores")
-def test_compiled_fp8_blocks_are_as_close_to_fp32_as_eager_fp8_on_a_gpu():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not CUDA, reason="needs a GPU with FP8 tensor cores"))])
+def test_compiled_fp8_blocks_are_as_close_to_fp32_as_eager_fp8(device):
     from moonforge.model import build_model, compile_blocks
 
     # Every token to every expert: near-tied routing choices cannot flip between eager and compiled code.
     config = preset("tiny").replace(num_hidden_layers=3, n_routed_experts=4, num_experts_per_tok=4)
     torch.manual_seed(0)
-    ids = torch.randint(0, config.vocab_size, (2, 64), device="cuda")
+    ids = torch.randint(0, config.vocab_size, (2, 64), device=device)
     results = {}
     runs = (("fp32", torch.float32, False, False), ("eager", torch.bfloat16, True, False),
             ("compiled", torch.bfloat16, True, True))
     for name, dtype, use_fp8, compiled in runs:
-        model = build_model(config, device="cuda", dtype=dtype, seed=3)
+        model = build_model(config, device=device, dtype=dtype, seed=3)
         if use_fp8:
             assert enable_fp8(model)
         if compiled:
