@@ -84,6 +84,24 @@ def _(a, sa, b, sb, offs, out_dtype, fast_accum):
     return a.new_empty(a.shape[0], b.shape[1], dtype=out_dtype)
 
 
+def grouped_weight_grad(grad: torch.Tensor, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """The bf16 weight gradient of a grouped product: per group g, grad[rows of g].T @ x[rows of g]: [G, N, K]."""
+    return _grouped_weight_grad(grad, x, offs)
+
+
+# Opaque to torch.compile for the same reason: the kernel checks 16-byte alignment of every group along the
+# token dimension unless the first operand is column-major and the second row-major, which a compiled graph's
+# choice of layouts does not guarantee.
+@torch.library.custom_op("moonforge::grouped_weight_grad", mutates_args=())
+def _grouped_weight_grad(grad: torch.Tensor, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return torch._grouped_mm(grad.contiguous().t(), x.contiguous(), offs=offs)
+
+
+@_grouped_weight_grad.register_fake
+def _(grad, x, offs):
+    return grad.new_empty(offs.shape[0], grad.shape[1], x.shape[1])
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``F.linear(x, weight)`` (no bias) with the forward and input-gradient products in FP8."""
     return _Fp8Linear.apply(x, weight)

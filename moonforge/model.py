@@ -441,7 +441,10 @@ class _ExpertFFN(torch.autograd.Function):
                                           *fp8.quantize_rows(down.to(x.dtype).transpose(1, 2)), offs, grad.dtype)
         else:
             d_act = torch._grouped_mm(grad, down.to(x.dtype), offs=offs)
-        d_down = torch._grouped_mm(grad.transpose(0, 1), act, offs=offs)
+        if ctx.use_fp8:
+            d_down = fp8.grouped_weight_grad(grad, act, offs)
+        else:
+            d_down = torch._grouped_mm(grad.transpose(0, 1), act, offs=offs)
         del act
         d_h = KERNELS.swiglu_backward(gate, up, d_act)
         del d_act
@@ -450,7 +453,10 @@ class _ExpertFFN(torch.autograd.Function):
                                         grad.dtype)
         else:
             d_x = torch._grouped_mm(d_h, w13, offs=offs)
-        d_gate_up = torch._grouped_mm(d_h.transpose(0, 1), x, offs=offs)
+        if ctx.use_fp8:
+            d_gate_up = fp8.grouped_weight_grad(d_h, x, offs)
+        else:
+            d_gate_up = torch._grouped_mm(d_h.transpose(0, 1), x, offs=offs)
         # ``weights_again`` rebuilds the forward's tensors, so their dtypes are the inputs' dtypes.
         return d_x, d_gate_up.view(gate_up.shape).to(gate_up.dtype), d_down.to(down.dtype), None, None, None
 
