@@ -159,7 +159,7 @@ def test_compiled_fp8_blocks_are_as_close_to_fp32_as_eager_fp8(device):
     # Every token to every expert: near-tied routing choices cannot flip between eager and compiled code.
     config = preset("tiny").replace(num_hidden_layers=3, n_routed_experts=4, num_experts_per_tok=4)
     torch.manual_seed(0)
-    ids = torch.randint(0, config.vocab_size, (2, 64), device=device)
+    ids = torch.randint(0, config.vocab_size, (2, 61), device=device)  # 122 rows per expert: not 16-aligned
     results = {}
     runs = (("fp32", torch.float32, False, False), ("eager", torch.bfloat16, True, False),
             ("compiled", torch.bfloat16, True, True))
