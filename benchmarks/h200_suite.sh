@@ -19,6 +19,7 @@
 #   bash benchmarks/h200_suite.sh blocks-d OUTDIR # one H200: kernels then blocks, idle time counted from kernels only
 #   bash benchmarks/h200_suite.sh defer OUTDIR  # one H200: gradients reduced once per step (as two GPUs do) or per micro-batch
 #   bash benchmarks/h200_suite.sh fp8 OUTDIR    # one H200: precision fp8 against bf16, 27 layers x 8 experts, seq 4096 and packed SFT
+#   bash benchmarks/h200_suite.sh fp8-6l OUTDIR # one H200: precision fp8 against bf16, 6 layers, the one-GPU engine (flat buffers)
 # Each run writes one JSON (see benchmarks/train_bench.py); a failing run records its error and the suite goes on.
 set -u
 MODE=$1; OUT=$2; mkdir -p "$OUT"
@@ -182,4 +183,9 @@ if [ "$MODE" = fp8 ]; then  # one H200, blocks compiled: FP8 products (rowwise, 
   bench host_27l_e8_4k_h200_bf16 1 150 $COMMON --seq 4096 --ac none
   bench host_27l_e8_sft8k_h200_fp8 1 150 $COMMON $SFT --precision fp8
   [ -n "${FP8_SHORT:-}" ] || bench host_27l_e8_sft8k_h200_bf16 1 150 $COMMON $SFT
+fi
+if [ "$MODE" = fp8-6l ]; then  # the default one-GPU engine (flat buffers), 6 layers with all 64 experts, MBS 2 x 4096
+  COMMON="--layers 6 --mbs 2 --seq 4096 --steps 4 --warmup 2 --state-dtype bf16 --compile --compile-blocks --no-profile"
+  bench train_6l_h200_fp8 1 140 $COMMON --precision fp8
+  bench train_6l_h200_bf16 1 140 $COMMON
 fi

@@ -275,6 +275,9 @@ KERNEL_CLASSES = (  # (class, substrings of the kernel name), first match wins
 )
 
 
+_TRITON_ELEMENTWISE = ("triton_poi_", "triton_red_", "triton_per_")
+
+
 def kernel_classes(prof) -> dict:
     """GPU time (ms) of one profiled step by kind of kernel, from the kernels' own names (no operator
     attribution): what the GPU itself spends its time on, whatever launched it."""
@@ -286,7 +289,10 @@ def kernel_classes(prof) -> dict:
             continue
         name = evt.name
         low = name.lower()
-        kind = next((k for k, keys in KERNEL_CLASSES if any(x.lower() in low for x in keys)), "other")
+        if name.startswith(_TRITON_ELEMENTWISE):  # named after the operations they fuse, whatever those are
+            kind = "triton_fused"
+        else:
+            kind = next((k for k, keys in KERNEL_CLASSES if any(x.lower() in low for x in keys)), "other")
         totals[kind] = totals.get(kind, 0.0) + (evt.time_range.end - evt.time_range.start) / 1000
     return {k: round(v, 2) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
 
