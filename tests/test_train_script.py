@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from moonforge.config import preset
+from moonforge.config import ConfigError, preset
 from moonforge.train.config import TrainConfig
 from tests.conftest import SHARED, shared_data
 from tests.test_train_support import EXAMPLES, build_tiny_data, failure, read_metrics, train_env, train_records, \
@@ -178,15 +178,21 @@ def _set(args: list[str], **values) -> list[str]:
 def test_layout_and_memory_options_map_to_their_keys(fake_paths):
     _, args = seed_args("pretrain", fake_paths)
     cfg, opts, _ = recorded(fake_paths, _set(args, TP=2, PP=2, CP=2, ETP=2, EP=4, SP="true", DO="false", FL="true",
-                                             AC="offload", OPTIMIZER_OFFLOAD="0.5", PR="fp8", PAD_LEN=2048),
+                                             AC="offload", OPTIMIZER_OFFLOAD="0.5", PR="bf16", PAD_LEN=2048),
                             {"MP_PP0_LAYERS": "13", "MP_AC_LAYERS": "3", "MOONFORGE_NPROC": "4"})
     p = cfg.parallel
     assert (p.tp, p.pp, p.cp, p.etp, p.ep, p.sp, p.pp0_layers) == (2, 2, 2, 2, 4, True, 13)
     # OPTIMIZER_OFFLOAD needs the distributed optimizer: DO=false becomes true, as in the seed.
     assert (p.data_parallel, cfg.optimizer_offload) == ("fsdp", 0.5)
     assert (cfg.activation_checkpointing, cfg.ac_layers) == ("offload", 3)
-    assert (cfg.precision, cfg.attention_backend, cfg.pad_len) == ("fp8", "varlen", None)  # PAD_LEN: raw data only
+    assert (cfg.precision, cfg.attention_backend, cfg.pad_len) == ("bf16", "varlen", None)  # PAD_LEN: raw data only
     assert opts["nproc"] == 4
+
+    # FP8 products take whole weights: PR=fp8 with TP 1, and refused with TP 2 naming the keys.
+    cfg, _, _ = recorded(fake_paths, _set(args, TP=1, EP=4, PR="fp8"), {"MOONFORGE_NPROC": "4"})
+    assert (cfg.precision, cfg.parallel.tp, cfg.compile_blocks) == ("fp8", 1, True)
+    with pytest.raises(ConfigError, match=r"'precision'.*parallel.tp 2"):
+        recorded(fake_paths, _set(args, TP=2, EP=4, PR="fp8"), {"MOONFORGE_NPROC": "4"})
 
     cfg, _, _ = recorded(fake_paths, _set(args, PP=3, DO="false", AC="full", PR="fp16"),
                          {"MP_VP": "3", "MP_AC_LAYERS": "3", "MOONFORGE_PRECISION": "fp32"})
