@@ -113,6 +113,28 @@ def test_bf16_expert_parallel_matches_single_process(workdir, dispatcher, cache,
             assert rel < (1e-3 if step == 1 else 5e-3), (dispatcher, step, key, a[key], b[key])
 
 
+@pytest.mark.parametrize("name,nproc,overrides", [
+    ("fsdp2", 2, {"parallel": {}}),
+    ("ep2", 2, {"parallel": {"ep": 2}}),
+    ("ep2_allgather_compiled_blocks", 2, {"compile_blocks": True, "parallel": {"ep": 2, "ep_dispatcher": "allgather"}}),
+    ("pp2", 2, {"parallel": {"pp": 2, "pp0_layers": 1}}),
+])
+def test_fp8_layouts_match_single_process(workdir, name, nproc, overrides):
+    """precision fp8 (emulated on CPUs): every row scale is taken over a whole token or a whole weight row, which
+    FSDP, EP and PP keep whole, so sharded layouts give the single process's steps up to bf16 rounding. Compiled
+    blocks round differently from the eager reference before quantising, and FP8 turns some of those differences
+    into whole quantisation steps: a looser bound there (measured 1.4e-3 at step 1)."""
+    fp8 = {"precision": "fp8", "global_batch_size": 8}
+    reference = run_layout(workdir, 1, fp8, "fp8_single")
+    got = run_layout(workdir, nproc, {**fp8, **overrides}, f"fp8_{name}")
+    for step, (a, b) in enumerate(zip(reference, got), 1):
+        for key in ("loss", "grad_norm"):
+            rel = abs(a[key] - b[key]) / abs(a[key])
+            print(f"fp8 {name} step {step} {key}: {b[key]:.6f} vs {a[key]:.6f} (rel {rel:.1e})")
+            bound = 5e-3 if overrides.get("compile_blocks") or step > 1 else 1e-3
+            assert rel < bound, (name, step, key, a[key], b[key])
+
+
 def test_micro_batching_does_not_change_the_update(workdir):
     """GBS 8 as 4 micro-batches of 2 gives the same steps as one micro-batch of 8."""
     a = run_layout(workdir, 1, {"micro_batch_size": 2, "global_batch_size": 8}, "mbs2")
