@@ -20,6 +20,7 @@
 #   bash benchmarks/h200_suite.sh defer OUTDIR  # one H200: gradients reduced once per step (as two GPUs do) or per micro-batch
 #   bash benchmarks/h200_suite.sh fp8 OUTDIR    # one H200: precision fp8 against bf16, 27 layers x 8 experts, seq 4096 and packed SFT
 #   bash benchmarks/h200_suite.sh fp8-6l OUTDIR # one H200: precision fp8 against bf16, 6 layers, the one-GPU engine (flat buffers)
+#   bash benchmarks/h200_suite.sh two-i OUTDIR  # two H200s: the two-GPU targets with blocks compiled, fp8 against bf16
 # Each run writes one JSON (see benchmarks/train_bench.py); a failing run records its error and the suite goes on.
 set -u
 MODE=$1; OUT=$2; mkdir -p "$OUT"
@@ -188,4 +189,14 @@ if [ "$MODE" = fp8-6l ]; then  # the default one-GPU engine (flat buffers), 6 la
   COMMON="--layers 6 --mbs 2 --seq 4096 --steps 4 --warmup 2 --state-dtype bf16 --compile --compile-blocks --no-profile"
   bench train_6l_h200_fp8 1 140 $COMMON --precision fp8
   bench train_6l_h200_bf16 1 140 $COMMON
+fi
+
+if [ "$MODE" = two-i ]; then  # two H200s, blocks compiled: precision fp8 against bf16 for both two-GPU targets
+  COMMON="--steps 4 --warmup 2 --state-dtype bf16 --compile --compile-blocks --set parallel.ep_dispatcher=allgather"
+  SFT="--layers 27 --mbs 1 --gbs 8 --ep 2 --seq 8192 --attention varlen --packed 8 --ac full --ac-layers 17"
+  PRE="--layers 27 --mbs 1 --gbs 8 --ep 2 --seq 4096 --ac none"
+  bench train_27l_2xh200_ep2_allgather_blocks_fp8 2 140 $PRE $COMMON --precision fp8
+  bench train_27l_2xh200_ep2_allgather_blocks_bf16 2 140 $PRE $COMMON
+  bench sft_packed_8k_27l_2xh200_ep2_allgather_ac17_blocks_bf16 2 140 $SFT $COMMON
+  bench sft_packed_8k_27l_2xh200_ep2_allgather_ac17_blocks_fp8 2 140 $SFT $COMMON --precision fp8
 fi
