@@ -436,14 +436,14 @@ class _ExpertFFN(torch.autograd.Function):
         gate, up = h.split(inter, dim=-1)
         act = KERNELS.swiglu(gate, up)
         grad = grad.contiguous()
-        if ctx.use_fp8:  # weights quantised along their output dimension, the one these products contract
+        # FP8: the weights are quantised along their output dimension, the one these input-gradient products
+        # contract; the weight gradients stay bf16 products.
+        if ctx.use_fp8:
             d_act = fp8.scaled_grouped_mm(*fp8.quantize_rows(grad),
                                           *fp8.quantize_rows(down.to(x.dtype).transpose(1, 2)), offs, grad.dtype)
-        else:
-            d_act = torch._grouped_mm(grad, down.to(x.dtype), offs=offs)
-        if ctx.use_fp8:
             d_down = fp8.grouped_weight_grad(grad, act, offs)
         else:
+            d_act = torch._grouped_mm(grad, down.to(x.dtype), offs=offs)
             d_down = torch._grouped_mm(grad.transpose(0, 1), act, offs=offs)
         del act
         d_h = KERNELS.swiglu_backward(gate, up, d_act)
@@ -451,11 +451,9 @@ class _ExpertFFN(torch.autograd.Function):
         if ctx.use_fp8:
             d_x = fp8.scaled_grouped_mm(*fp8.quantize_rows(d_h), *fp8.quantize_rows(w13.transpose(1, 2)), offs,
                                         grad.dtype)
-        else:
-            d_x = torch._grouped_mm(d_h, w13, offs=offs)
-        if ctx.use_fp8:
             d_gate_up = fp8.grouped_weight_grad(d_h, x, offs)
         else:
+            d_x = torch._grouped_mm(d_h, w13, offs=offs)
             d_gate_up = torch._grouped_mm(d_h.transpose(0, 1), x, offs=offs)
         # ``weights_again`` rebuilds the forward's tensors, so their dtypes are the inputs' dtypes.
         return d_x, d_gate_up.view(gate_up.shape).to(gate_up.dtype), d_down.to(down.dtype), None, None, None
