@@ -116,6 +116,7 @@ def test_bf16_expert_parallel_matches_single_process(workdir, dispatcher, cache,
 @pytest.mark.parametrize("name,nproc,overrides", [
     ("fsdp2", 2, {"parallel": {}}),
     ("ep2", 2, {"parallel": {"ep": 2}}),
+    ("ep2_cast_per_use", 2, {"parallel": {"ep": 2, "cache_expert_casts": False}}),
     ("ep2_allgather_compiled_blocks", 2, {"compile_blocks": True, "parallel": {"ep": 2, "ep_dispatcher": "allgather"}}),
     ("pp2", 2, {"parallel": {"pp": 2, "pp0_layers": 1}}),
 ])
