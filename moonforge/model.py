@@ -203,9 +203,10 @@ class Linear(nn.Linear):
     fp8 = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fp8:
-            return fp8.linear(x, self.weight)
-        return F.linear(x, self.weight, self.bias)
+        if not self.fp8:
+            return F.linear(x, self.weight, self.bias)
+        out = fp8.linear(x, self.weight)
+        return out if self.bias is None else out + self.bias
 
 
 class MLA(nn.Module):
@@ -781,11 +782,11 @@ def compile_blocks(model: Transformer, backend: str = "inductor") -> None:
 def enable_fp8(model: nn.Module) -> list[str]:
     """Run the products of the attention and feed-forward projections and of the routed experts in FP8
     (``moonforge.fp8``); returns the names of the modules switched. The LM head, the embedding and the router
-    stay in their precision, as do products whose dimensions FP8 cannot take (not multiples of 16) and linears
-    with a bias. Call before tensor parallelism (FP8 products take whole weights)."""
+    stay in their precision, as do products whose dimensions FP8 cannot take (not multiples of 16). Call before
+    tensor parallelism (FP8 products take whole weights)."""
     switched = []
     for name, module in model.named_modules():
-        if isinstance(module, Linear) and module.bias is None and fp8.supported_shape(*module.weight.shape):
+        if isinstance(module, Linear) and fp8.supported_shape(*module.weight.shape):
             module.fp8 = True
         elif isinstance(module, GroupedExperts) and fp8.supported_shape(*module.down_proj.shape[1:]):
             module.fp8 = True

@@ -89,6 +89,19 @@ def test_fp8_linear_forward_and_input_gradient_are_fp8_accurate_and_the_weight_g
     assert _rel(out.reshape(-1, 96), exact) < 4e-3
 
 
+def test_fp8_linear_module_keeps_its_bias():
+    torch.manual_seed(0)
+    layer = Linear(64, 32, bias=True).bfloat16()
+    torch.nn.init.normal_(layer.bias, std=1.0)
+    x = torch.randn(5, 64).bfloat16()
+    ref = layer(x)
+    layer.fp8 = True
+    out = layer(x)
+    assert _rel(out, ref) < 0.06
+    out.sum().backward()
+    assert torch.equal(layer.bias.grad, torch.full((32,), 5.0, dtype=torch.bfloat16))
+
+
 def test_fp8_expert_ffn_tracks_bf16_and_leaves_empty_experts_without_gradient():
     torch.manual_seed(0)
     n_experts, hidden, inter = 4, 64, 32
