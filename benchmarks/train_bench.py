@@ -441,7 +441,7 @@ def run_moonforge(args, cfg: TrainConfig) -> dict:
             wall_ms = (time.perf_counter() - t0) * 1000
         split = time_split(prof)
         top_kernels = [(e.key, round(e.self_device_time_total / 1000, 3))
-                       for e in sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total)[:25]]
+                       for e in sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total)[:60]]
         top_ops_by_shape = [(e.key, str(e.input_shapes)[:200], e.count, round(e.self_device_time_total / 1000, 3))
                             for e in sorted(prof.key_averages(group_by_input_shape=True),
                                             key=lambda e: -e.self_device_time_total)[:30]]

@@ -234,11 +234,12 @@ class Trainer:
         return {k: v.to(self.device, non_blocking=True) for k, v in out.items()}
 
     def _global_loss_tokens(self, micro_batches) -> int:
-        local = torch.tensor(sum(int(b.num_loss_tokens()) for b in micro_batches), dtype=torch.float64,
-                             device=self.device)
-        if self.world > 1:
-            dist.all_reduce(local, group=self.meshes.world.get_group("dp"))
-        return int(local.item())
+        local = sum(int(b.num_loss_tokens()) for b in micro_batches)  # counted on the host: no device round trip
+        if self.world == 1:
+            return local
+        total = torch.tensor(local, dtype=torch.float64, device=self.device)
+        dist.all_reduce(total, group=self.meshes.world.get_group("dp"))
+        return int(total.item())
 
     def train_step(self, micro_batches) -> StepResult:
         """Forward and backward over this rank's micro-batches of one global batch, then one optimizer step."""
@@ -259,9 +260,10 @@ class Trainer:
         else:
             loss_sum += self._pipeline_forward_backward(micro_batches)
         pm.reduce_gradients()
-        loss = self._reduce_loss(loss_sum)
         grad_norm = self._clip_gradients()
-        finite = bool(torch.isfinite(grad_norm)) and math.isfinite(loss)
+        # One host synchronisation for both values (the clip coefficient already lives on the device).
+        loss, grad_norm = torch.stack([self._reduce_loss(loss_sum), grad_norm.double()]).tolist()
+        finite = math.isfinite(grad_norm) and math.isfinite(loss)
         if finite:
             self.optimizer.step()
             self.skipped_in_a_row = 0
@@ -272,7 +274,7 @@ class Trainer:
         counts = update_expert_bias(pm.routers(), self.cfg.expert_bias_update_rate if finite else 0.0,
                                     group=self.meshes.stage.get_group() if self.world > 1 else None)
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss=loss, grad_norm=float(grad_norm), skipped=not finite, loss_tokens=self._global_tokens,
+        return StepResult(loss=loss, grad_norm=grad_norm, skipped=not finite, loss_tokens=self._global_tokens,
                           expert_load=self._expert_load(counts))
 
     def _clip_gradients(self) -> torch.Tensor:
@@ -317,12 +319,13 @@ class Trainer:
         return sum((l.detach().double().sum() for l in losses),
                    torch.zeros((), dtype=torch.float64, device=self.device))
 
-    def _reduce_loss(self, loss_sum: torch.Tensor) -> float:
+    def _reduce_loss(self, loss_sum: torch.Tensor) -> torch.Tensor:
+        """The step's loss over all ranks, on the device (float64, 0-d)."""
         if self.world == 1:
-            return float(loss_sum)
+            return loss_sum
         # Tensor-parallel peers computed the same loss; other pipeline stages contribute zero.
         dist.all_reduce(loss_sum)
-        return float(loss_sum) / self.dims.tp
+        return loss_sum / self.dims.tp
 
     def _update_loss_scale(self, finite: bool) -> None:
         if self.cfg.precision != "fp16" or self.cfg.loss_scale is not None:
@@ -343,12 +346,9 @@ class Trainer:
             return None
         stats = torch.zeros(len(layers), 2, dtype=torch.float64, device=self.device)
         if counts is not None:
-            local = sorted(self.pm.routers())
-            mean = counts.mean(dim=-1).clamp(min=1e-9)
-            for row, layer in enumerate(local):
-                i = layers.index(layer)
-                stats[i, 0] = counts[row].max() / mean[row]
-                stats[i, 1] = counts[row].min() / mean[row]
+            rows = torch.tensor([layers.index(layer) for layer in sorted(self.pm.routers())], device=self.device)
+            extremes = torch.stack([counts.amax(dim=-1), counts.amin(dim=-1)], dim=-1).double()
+            stats[rows] = extremes / counts.double().mean(dim=-1, keepdim=True).clamp(min=1e-9)
         if self.dims.pp > 1:
             dist.all_reduce(stats, group=self.meshes.group("pp"))
         return [(round(a, 4), round(b, 4)) for a, b in stats.tolist()]
