@@ -1,7 +1,7 @@
 """AdamW for sharded parameters (FSDP2/TP/EP DTensors or plain tensors), with moments in fp32 or bf16.
 
 The update of each parameter is one fused element-wise kernel on GPUs (gradient clipping folded in), so a step
-reads and writes each byte once, and a whole parameter group is one compiled call, so the host launches the
+reads and writes each byte once, and each compiled call updates a chunk of a parameter group, so the host launches the
 kernels back to back instead of paying Python and guard overhead per parameter. bf16 moments cut the optimizer
 state from 8 to 4 bytes per parameter, which is what lets full Moonlight pretraining fit on two H200s. The formula is torch.optim.AdamW's.
 """
@@ -53,16 +53,23 @@ class AdamW(torch.optim.Optimizer):
                 states = [self._init_state(p) for p in params]
                 steps = [s["step"] for s in states]
                 torch._foreach_add_(steps, 1)
-                flat = lambda ts: [_local(t).view(-1) for t in ts]  # noqa: E731
+                # Flat aliases that are not views, so the compiled call's guards do not depend on each base's rank.
+                flat = lambda ts: [_local(t).view(-1).detach() for t in ts]  # noqa: E731
                 # Filled on the device once per group, not copied from the host for every parameter.
                 lr = torch.full((), group["lr"], dtype=torch.float32, device=device)
                 args = (flat(params), flat([s["exp_avg"] for s in states]), flat([s["exp_avg_sq"] for s in states]),
                         flat([p.grad for p in params]), steps, self.clip_coef.to(device), lr, beta1, beta2,
                         group["eps"], group["weight_decay"])
-                if self.compile or (self.compile is None and device.type == "cuda"):
-                    _compiled_update_many()(*args)
-                else:
-                    _update_many(*args)
+                compiled = self.compile or (self.compile is None and device.type == "cuda")
+                for start in range(0, len(params), CHUNK):
+                    chunk = [a[start:start + CHUNK] if isinstance(a, list) else a for a in args]
+                    if compiled:
+                        # Without duck shaping, equal sizes in different parameters do not become one symbol, so
+                        # chunks whose parameters happen to coincide in size differently share the graph too.
+                        with torch.fx.experimental._config.patch(use_duck_shape=False):
+                            _compiled_update_many()(*chunk)
+                    else:
+                        _update_many(*chunk)
         return None
 
 
@@ -87,8 +94,12 @@ def _update_many(params, exp_avgs, exp_avg_sqs, grads, steps, clip_coef, lr, bet
         _update(p, m, v, g, clip_coef, step, lr, beta1, beta2, eps, weight_decay)
 
 
+# Parameters per compiled call. Sizes are symbolic, so every full chunk of a group reuses one graph (and one
+# kernel, launched once per parameter from the compiled wrapper): a few compiled calls per step instead of one
+# per parameter, and a graph small enough to compile in seconds.
+CHUNK = 32
+
+
 @functools.cache
 def _compiled_update_many():
-    # One compiled call updates a whole parameter group: one fused kernel per distinct shape, launched from the
-    # compiled wrapper, instead of one Python-level compiled call (guards, launch) per parameter.
-    return torch.compile(_update_many, dynamic=False, fullgraph=True)
+    return torch.compile(_update_many, dynamic=True, fullgraph=True)
