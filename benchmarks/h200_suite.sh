@@ -21,8 +21,8 @@
 #   bash benchmarks/h200_suite.sh fp8 OUTDIR    # one H200: precision fp8 against bf16, 27 layers x 8 experts, seq 4096 and packed SFT
 #   bash benchmarks/h200_suite.sh fp8-6l OUTDIR # one H200: precision fp8 against bf16, 6 layers, the one-GPU engine (flat buffers)
 #   bash benchmarks/h200_suite.sh two-i OUTDIR  # two H200s: the two-GPU targets with blocks compiled, fp8 against bf16
-#   bash benchmarks/h200_suite.sh optim OUTDIR [BASE]  # one H200: one compiled AdamW call per group and one sync
-#       per step, against the tree in BASE (an earlier commit, e.g. `git archive 6a0406d | tar x -C BASE`)
+#   bash benchmarks/h200_suite.sh optim OUTDIR [BASE]  # one GPU: AdamW compiled over chunks of parameters and one
+#       sync per step, between two runs of the tree in BASE (an earlier commit: `git archive 6a0406d | tar x -C BASE`)
 # Each run writes one JSON (see benchmarks/train_bench.py); a failing run records its error and the suite goes on.
 set -u
 MODE=$1; OUT=$2; mkdir -p "$OUT"
@@ -192,13 +192,14 @@ if [ "$MODE" = fp8-6l ]; then  # the default one-GPU engine (flat buffers), 6 la
   bench train_6l_h200_fp8 1 140 $COMMON --precision fp8
   bench train_6l_h200_bf16 1 140 $COMMON
 fi
-if [ "$MODE" = optim ]; then  # one H200, blocks compiled, 27 layers x 8 experts: this tree, then the one in $3
-  COMMON="--layers 27 --experts 8 --engine fsdp --mbs 1 --gbs 4 --state-dtype bf16 --compile --compile-blocks --steps 3 \
+if [ "$MODE" = optim ]; then  # one GPU, blocks compiled, L layers x 8 experts: the tree in $3, this tree, $3 again
+  L=${OPTIM_LAYERS:-27}  # 20 keeps an H100 (80 GB) clear of allocator retries, which would swamp the host times
+  COMMON="--layers $L --experts 8 --engine fsdp --mbs 1 --gbs 4 --state-dtype bf16 --compile --compile-blocks --steps 4 \
     --warmup 2 --seq 4096 --ac none --host-profile --sync-audit"
-  bench host_27l_e8_4k_h200_optim 1 240 $COMMON
-  if [ -n "${3:-}" ]; then
-    (cd "$3" && export PYTHONPATH=$PWD MOONFORGE_COMMIT=${BASE_COMMIT:-base} && bench host_27l_e8_4k_h200_optim_base 1 240 $COMMON)
-  fi
+  base() { (cd "$1" && export PYTHONPATH=$PWD MOONFORGE_COMMIT=${BASE_COMMIT:-base} && bench "$2" 1 240 $COMMON); }
+  [ -z "${3:-}" ] || base "$3" host_${L}l_e8_4k_optim_base
+  bench host_${L}l_e8_4k_optim 1 240 $COMMON
+  [ -z "${3:-}" ] || base "$3" host_${L}l_e8_4k_optim_base_again
 fi
 
 if [ "$MODE" = two-i ]; then  # two H200s, blocks compiled: precision fp8 against bf16 for both two-GPU targets
