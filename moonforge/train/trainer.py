@@ -58,6 +58,7 @@ class Trainer:
             raise ConfigError(f"global_batch_size ({cfg.global_batch_size}) must be a multiple of micro_batch_size x "
                               f"data-parallel size ({mbs} x {dp} = {mbs * dp})")
         self.grad_accum = cfg.global_batch_size // (mbs * dp)
+        self._moe_rows: torch.Tensor | None = None
         self.defer_grad_sync = cfg.parallel.defer_grad_sync
         if self.defer_grad_sync is None:
             # One rank too: its FSDP "reduce-scatter" is a copy in and out of every gradient per micro-batch.
@@ -346,7 +347,10 @@ class Trainer:
             return None
         stats = torch.zeros(len(layers), 2, dtype=torch.float64, device=self.device)
         if counts is not None:
-            rows = torch.tensor([layers.index(layer) for layer in sorted(self.pm.routers())], device=self.device)
+            rows = self._moe_rows
+            if rows is None:  # this rank's MoE layers among all of them; built once (a host-to-device copy)
+                rows = self._moe_rows = torch.tensor([layers.index(layer) for layer in sorted(self.pm.routers())],
+                                                     device=self.device)
             extremes = torch.stack([counts.amax(dim=-1), counts.amin(dim=-1)], dim=-1).double()
             stats[rows] = extremes / counts.double().mean(dim=-1, keepdim=True).clamp(min=1e-9)
         if self.dims.pp > 1:
