@@ -21,6 +21,7 @@
 #   bash benchmarks/h200_suite.sh fp8 OUTDIR    # one H200: precision fp8 against bf16, 27 layers x 8 experts, seq 4096 and packed SFT
 #   bash benchmarks/h200_suite.sh fp8-6l OUTDIR # one H200: precision fp8 against bf16, 6 layers, the one-GPU engine (flat buffers)
 #   bash benchmarks/h200_suite.sh two-i OUTDIR  # two H200s: the two-GPU targets with blocks compiled, fp8 against bf16
+#   bash benchmarks/h200_suite.sh check OUTDIR  # one GPU: logits parity and 6 layers vs transformers, blocks compiled
 #   bash benchmarks/h200_suite.sh optim OUTDIR [BASE]  # one GPU: AdamW compiled over chunks of parameters and one
 #       sync per step, between two runs of the tree in BASE (an earlier commit: `git archive 6a0406d | tar x -C BASE`)
 # Each run writes one JSON (see benchmarks/train_bench.py); a failing run records its error and the suite goes on.
@@ -191,6 +192,12 @@ if [ "$MODE" = fp8-6l ]; then  # the default one-GPU engine (flat buffers), 6 la
   COMMON="--layers 6 --mbs 2 --seq 4096 --steps 4 --warmup 2 --state-dtype bf16 --compile --compile-blocks --no-profile"
   bench train_6l_h200_fp8 1 140 $COMMON --precision fp8
   bench train_6l_h200_bf16 1 140 $COMMON
+fi
+if [ "$MODE" = check ]; then  # a regression check of the one-GPU target at the current commit, on whatever GPU
+  G=${GPU_TAG:-h200}
+  python3 benchmarks/gpu_parity.py --out "$OUT/gpu_parity_$G.json" > "$OUT/parity.log" 2>&1; tail -6 "$OUT/parity.log"
+  bench train_6l_${G}_blocks_vs_hf_check 1 300 --layers 6 --mbs 2 --seq 4096 --steps 8 --warmup 4 --state-dtype bf16 \
+    --compile --compile-blocks --hf-baseline
 fi
 if [ "$MODE" = optim ]; then  # one GPU, blocks compiled, L layers x 8 experts: the tree in $3, this tree, $3 again
   L=${OPTIM_LAYERS:-27}  # 20 keeps an H100 (80 GB) clear of allocator retries, which would swamp the host times
