@@ -23,7 +23,8 @@
 #   bash benchmarks/h200_suite.sh two-i OUTDIR  # two H200s: the two-GPU targets with blocks compiled, fp8 against bf16
 #   bash benchmarks/h200_suite.sh check OUTDIR  # one GPU: logits parity and 6 layers vs transformers, blocks compiled
 #   bash benchmarks/h200_suite.sh optim OUTDIR [BASE]  # one GPU: AdamW compiled over chunks of parameters and one
-#       sync per step, between two runs of the tree in BASE (an earlier commit: `git archive 6a0406d | tar x -C BASE`)
+#       sync per step, between two runs of the tree in BASE (an earlier commit: `git archive 6a0406d | tar x -C BASE`);
+#       OPTIM_LAYERS (default 27), OPTIM_FLAGS (default --host-profile --sync-audit), BASE_COMMIT (the base's name)
 # Each run writes one JSON (see benchmarks/train_bench.py); a failing run records its error and the suite goes on.
 set -u
 MODE=$1; OUT=$2; mkdir -p "$OUT"
@@ -202,7 +203,7 @@ fi
 if [ "$MODE" = optim ]; then  # one GPU, blocks compiled, L layers x 8 experts: the tree in $3, this tree, $3 again
   L=${OPTIM_LAYERS:-27}  # 20 keeps an H100 (80 GB) clear of allocator retries, which would swamp the host times
   COMMON="--layers $L --experts 8 --engine fsdp --mbs 1 --gbs 4 --state-dtype bf16 --compile --compile-blocks --steps 4 \
-    --warmup 2 --seq 4096 --ac none --host-profile --sync-audit"
+    --warmup 2 --seq 4096 --ac none ${OPTIM_FLAGS:---host-profile --sync-audit}"
   base() { (cd "$1" && export PYTHONPATH=$PWD MOONFORGE_COMMIT=${BASE_COMMIT:-base} && bench "$2" 1 240 $COMMON); }
   [ -z "${3:-}" ] || base "$3" host_${L}l_e8_4k_optim_base
   bench host_${L}l_e8_4k_optim 1 240 $COMMON

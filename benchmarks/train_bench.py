@@ -6,9 +6,14 @@
 Writes JSON: tokens/s per GPU, TFLOP/s per GPU (ARCHITECTURE.md's formula), MFU against 989 and against the
 measured 798 TFLOP/s matmul ceiling, peak memory, a time split from one profiled step (attention, experts,
 dispatch/combine, router, lm head + loss, optimizer, communication, other), the top operations by input shape,
-every rank's busy / NCCL-only / idle time in that step (a rank whose GPU idles is waiting for its host), commit,
-GPU count, torch version and the full config. With --hf-baseline, transformers' model runs the same shapes in the
-same process afterwards.
+every rank's busy / NCCL-only / idle time in that step (a rank whose GPU idles is waiting for its host) and the
+host code the idle stretches end in, commit, GPU count, torch version and the full config.
+
+Step times: ``step_time_s_median`` (and the headline tokens/s, TFLOP/s) synchronise before and after every step,
+so each includes the bubble of starting from an idle GPU; ``back_to_back`` then runs the same number of steps
+without synchronising between them, as a training run does. The optimizer's time is its span on the device
+(CUDA events), which is its host time when the host is the slower side. With --hf-baseline, transformers' model
+runs the same shapes in the same process afterwards.
 """
 
 from __future__ import annotations
@@ -181,7 +186,8 @@ class PackedBatches:
 
 def device_activity(prof, wall_ms: float) -> dict:
     """One rank's profiled step: wall time, time with any kernel running (busy), time with only NCCL kernels
-    running (communication not hidden, including waiting for the peer), and idle time (the host was behind).
+    running (communication not hidden, including waiting for the peer), idle time (the host was behind), and
+    where the idle time falls (``idle_gaps``).
     """
     from torch.autograd import DeviceType
 
@@ -194,7 +200,61 @@ def device_activity(prof, wall_ms: float) -> dict:
                 compute.append(span)
     busy, compute_busy = _covered_us(spans) / 1000, _covered_us(compute) / 1000
     return {"wall_ms": round(wall_ms, 1), "busy_ms": round(busy, 1), "compute_busy_ms": round(compute_busy, 1),
-            "nccl_only_ms": round(busy - compute_busy, 1), "idle_ms": round(max(wall_ms - busy, 0.0), 1)}
+            "nccl_only_ms": round(busy - compute_busy, 1), "idle_ms": round(max(wall_ms - busy, 0.0), 1),
+            "idle_gaps": idle_gaps(prof)}
+
+
+# Host-side ranges that name where in a step the host was: the innermost one around a launch names the gap.
+_PHASES = ("mf.", "Optimizer.", "FSDP::", "## Call CompiledFxGraph", "autograd::engine::evaluate_function")
+
+
+def idle_gaps(prof, min_us: float = 20.0, top: int = 25) -> dict:
+    """Where the GPU waited for the host in a profiled step: every stretch of at least ``min_us`` with no kernel
+    running, charged to the host code that launched the kernel ending it (the operator, and the enclosing
+    moonforge / FSDP / optimizer / compiled-graph / autograd ranges). Returns the total, the gap count and the
+    ``top`` sites by idle time: [site, gaps, ms]."""
+    from torch.autograd import DeviceType
+
+    events = prof.events()
+    cpu_by_id = {e.id: e for e in events if e.device_type == DeviceType.CPU}
+    kernels = sorted((e for e in events if e.device_type == DeviceType.CUDA and not _is_annotation(e)),
+                     key=lambda e: e.time_range.start)
+    sites: dict[str, list] = {}
+    total = 0.0
+    count = 0
+    covered_to = None
+    for k in kernels:
+        start, end = k.time_range.start, k.time_range.end
+        if covered_to is not None and start - covered_to >= min_us:
+            gap = start - covered_to
+            site = _launch_site(cpu_by_id.get(getattr(k, "linked_correlation_id", -1)))
+            entry = sites.setdefault(site, [0, 0.0])
+            entry[0] += 1
+            entry[1] += gap
+            total += gap
+            count += 1
+        covered_to = end if covered_to is None else max(covered_to, end)
+    ranked = sorted(sites.items(), key=lambda kv: -kv[1][1])[:top]
+    return {"min_gap_us": min_us, "total_ms": round(total / 1000, 1), "gaps": count,
+            "sites": [[name, n, round(us / 1000, 2)] for name, (n, us) in ranked]}
+
+
+def _launch_site(op) -> str:
+    """``phase > phase / operator`` for the host operator that launched a kernel (outermost phase first)."""
+    if op is None:
+        return "(launch not recorded)"
+    name, phases, parent = op.name, [], op.cpu_parent
+    while parent is not None:
+        if parent.name.startswith(_PHASES):
+            label = parent.name
+            if label.startswith("## Call CompiledFxGraph"):
+                label = "compiled graph"
+            elif label.startswith("autograd::engine::evaluate_function: "):
+                label = "backward " + label.split(": ", 1)[1]
+            if not phases or phases[-1] != label:
+                phases.append(label)
+        parent = parent.cpu_parent
+    return " > ".join(reversed(phases[:3])) + f" / {name}" if phases else name
 
 
 def host_sync_sites(fn) -> dict:
@@ -404,19 +464,25 @@ def run_moonforge(args, cfg: TrainConfig) -> dict:
     loader = trainer.train_loader if not args.packed else PackedBatches(trainer.train_loader, args.packed)
     opt_step = trainer.optimizer.step
 
-    optimizer_times = []
+    device = trainer.device
+    optimizer_spans = []  # (start, end) CUDA events around each optimizer step: its span on the device, no sync
 
-    def timed_step(*a, **k):  # synchronised around the step: its own wall time, at the cost of one bubble
-        sync()
-        t0 = time.perf_counter()
+    def timed_step(*a, **k):
+        if device.type != "cuda":
+            t0 = time.perf_counter()
+            out = opt_step(*a, **k)
+            optimizer_spans.append(time.perf_counter() - t0)
+            return out
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         with torch.profiler.record_function("mf.optimizer"):
             out = opt_step(*a, **k)
-        sync()
-        optimizer_times.append(time.perf_counter() - t0)
+        end.record()
+        optimizer_spans.append((start, end))
         return out
 
     trainer.optimizer.step = timed_step
-    device = trainer.device
+    # Synchronised around every step: each step's own time, including the bubble of starting from an idle GPU.
     times, losses = [], []
     for i in range(args.warmup + args.steps):
         micro = [loader.next_batch() for _ in range(trainer.grad_accum)]
@@ -427,6 +493,16 @@ def run_moonforge(args, cfg: TrainConfig) -> dict:
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
             losses.append(result.loss)
+    optimizer_times = [s if isinstance(s, float) else s[0].elapsed_time(s[1]) / 1000
+                       for s in optimizer_spans[args.warmup:args.warmup + args.steps]]
+    # Then back to back, as a training run goes: the host prepares the next step while the GPU finishes this one.
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        micro = [loader.next_batch() for _ in range(trainer.grad_accum)]
+        trainer.train_step(micro)
+    sync()
+    back_to_back = (time.perf_counter() - t0) / args.steps
     split = top_kernels = top_ops_by_shape = ranks = kernels_by_class = None
     world = trainer.world
     if not args.no_profile:
@@ -471,8 +547,10 @@ def run_moonforge(args, cfg: TrainConfig) -> dict:
         "losses": losses, "flops_per_token": flops, "time_split_ms": split, "top_kernels_ms": top_kernels,
         "top_ops_by_shape_ms": top_ops_by_shape,
         "kernel_classes_ms": kernels_by_class, "profiled_step_by_rank": ranks,
-        "optimizer_step_s_median": sorted(optimizer_times[args.warmup:args.warmup + args.steps])[args.steps // 2],
-        "optimizer_step_times_s": optimizer_times[args.warmup:args.warmup + args.steps],
+        "back_to_back": {"step_time_s_mean": back_to_back, "tokens_per_s_per_gpu": tokens / back_to_back / world,
+                         "tflops_per_gpu": tokens / back_to_back / world * flops / 1e12},
+        "optimizer_step_s_median": sorted(optimizer_times)[len(optimizer_times) // 2],
+        "optimizer_step_times_s": optimizer_times,
         "layout": trainer.dims.describe(), "grad_accum": trainer.grad_accum, "setup_s": setup_s,
         "engine": "flat" if trainer.flat else "fsdp", "host_peak_rss_gib": host_peak_rss_gib(),
         "parameters": sum(p.numel() for p in trainer.pm.parameters()), "machine_probe": probe,
@@ -556,7 +634,8 @@ def main(argv=None):
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(record, indent=2))
         summary = {k: record["moonforge"].get(k) for k in ("tokens_per_s_per_gpu", "tflops_per_gpu", "mfu",
-                                                           "peak_memory_gib", "time_split_ms", "error")}
+                                                           "back_to_back", "peak_memory_gib", "time_split_ms",
+                                                           "error")}
         print(json.dumps({"label": args.label, **summary, "hf": record.get("transformers"),
                           "speedup": record.get("speedup_vs_transformers")}, indent=1))
     if dist.is_initialized():

@@ -21,7 +21,7 @@ from moonforge.model import Transformer, enable_fp8, positions_from_documents
 from moonforge.parallel import ParallelDims, ParallelModel, build_meshes, clip_grad_norm, init_distributed, \
     materialize, parallelize
 from moonforge.parallel.context import shard_sequence
-from moonforge.train.balance import update_expert_bias
+from moonforge.train.balance import apply_expert_bias, collect_expert_counts
 from moonforge.train.config import TrainConfig
 from moonforge.train.metrics import MEASURED_MATMUL_TFLOPS, PEAK_TFLOPS, MetricsLogger
 from moonforge.train.optim import build_optimizer, set_lr
@@ -262,8 +262,15 @@ class Trainer:
             loss_sum += self._pipeline_forward_backward(micro_batches)
         pm.reduce_gradients()
         grad_norm = self._clip_gradients()
-        # One host synchronisation for both values (the clip coefficient already lives on the device).
-        loss, grad_norm = torch.stack([self._reduce_loss(loss_sum), grad_norm.double()]).tolist()
+        routers = pm.routers()
+        counts = collect_expert_counts(routers, group=self.meshes.stage.get_group() if self.world > 1 else None)
+        load = self._expert_load(counts)
+        # One host synchronisation for the loss, the gradient norm and the expert loads (the clip coefficient
+        # already lives on the device, and the bias update waits on the device for the step's verdict).
+        parts = [self._reduce_loss(loss_sum).view(1), grad_norm.double().view(1)]
+        values = torch.cat(parts if load is None else [*parts, load.flatten()]).tolist()
+        loss, grad_norm = values[:2]
+        expert_load = None if load is None else [(round(a, 4), round(b, 4)) for a, b in zip(values[2::2], values[3::2])]
         finite = math.isfinite(grad_norm) and math.isfinite(loss)
         if finite:
             self.optimizer.step()
@@ -272,11 +279,10 @@ class Trainer:
             self.skipped_total += 1
             self.skipped_in_a_row += 1
         self._update_loss_scale(finite)
-        counts = update_expert_bias(pm.routers(), self.cfg.expert_bias_update_rate if finite else 0.0,
-                                    group=self.meshes.stage.get_group() if self.world > 1 else None)
+        apply_expert_bias(routers, counts, self.cfg.expert_bias_update_rate if finite else 0.0)
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(loss=loss, grad_norm=grad_norm, skipped=not finite, loss_tokens=self._global_tokens,
-                          expert_load=self._expert_load(counts))
+                          expert_load=expert_load)
 
     def _clip_gradients(self) -> torch.Tensor:
         """Unscale (fp16), take the global gradient norm and clip to ``clip_grad``; returns the norm."""
@@ -340,8 +346,9 @@ class Trainer:
                 self.loss_scale *= 2
                 self.good_steps_since_scale = 0
 
-    def _expert_load(self, counts: torch.Tensor | None) -> list[tuple[float, float]] | None:
-        """Max and min expert load relative to the mean, per MoE layer of the whole model."""
+    def _expert_load(self, counts: torch.Tensor | None) -> torch.Tensor | None:
+        """Max and min expert load relative to the mean, per MoE layer of the whole model: [layers, 2] float64
+        on the device (None for a model without MoE layers)."""
         layers = self.model_config.moe_layers
         if not layers:
             return None
@@ -355,7 +362,7 @@ class Trainer:
             stats[rows] = extremes / counts.double().mean(dim=-1, keepdim=True).clamp(min=1e-9)
         if self.dims.pp > 1:
             dist.all_reduce(stats, group=self.meshes.group("pp"))
-        return [(round(a, 4), round(b, 4)) for a, b in stats.tolist()]
+        return stats
 
     # ------------------------------------------------------------------ loop
     def train(self) -> None:
