@@ -474,6 +474,11 @@ def accumulate(total: torch.Tensor, grad: torch.Tensor) -> None:
     total.add_(grad)
 
 
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in fp32 (fused: vectorised loads on GPUs, where aten's mixed-dtype copy is not)."""
+    return x.float()
+
+
 def combine(h: torch.Tensor, order: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Weighted sum over each token's k expert outputs; h [T*k, H] in expert order. Deterministic (no atomics)."""
     n_tokens, top_k = weights.shape
@@ -749,7 +754,7 @@ class _Kernels:
 
     def reset(self) -> None:
         self.rms_norm, self.swiglu, self.apply_rope, self.combine = rms_norm, swiglu, apply_rope, combine
-        self.accumulate, self.swiglu_backward = accumulate, swiglu_backward
+        self.accumulate, self.upcast, self.swiglu_backward = accumulate, upcast, swiglu_backward
 
 
 KERNELS = _Kernels()
@@ -758,7 +763,7 @@ KERNELS = _Kernels()
 def compile_kernels() -> None:
     """Fuse the element-wise islands (norms, RoPE, SwiGLU, the weighted expert combine, mixed-precision gradient
     accumulation) with torch.compile."""
-    for name in ("rms_norm", "swiglu", "apply_rope", "combine", "accumulate", "swiglu_backward"):
+    for name in ("rms_norm", "swiglu", "apply_rope", "combine", "accumulate", "upcast", "swiglu_backward"):
         setattr(KERNELS, name, torch.compile(globals()[name]))  # shapes that vary become dynamic
 
 

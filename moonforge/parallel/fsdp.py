@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-from moonforge.model import MoE, Transformer
+from moonforge.model import KERNELS, MoE, Transformer
 from moonforge.parallel.comm import all_reduce_in_place
 from moonforge.parallel.mesh import Meshes
 
@@ -25,6 +25,7 @@ def apply_fsdp(part: Transformer, meshes: Meshes, *, param_dtype: torch.dtype, r
                replicate: bool, reshard_after_forward: bool, ignored_params: set[nn.Parameter],
                offload_blocks: int = 0) -> list:
     """Wrap ``part`` with fully_shard; returns the FSDP modules (for gradient-sync control)."""
+    route_unsharded_accumulation()
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     # Inside an MoE the inputs are left as they are: the routing weights must stay fp32 (FSDP would cast them
     # to the compute dtype), and activation checkpointing must see the same dtypes when it recomputes.
@@ -75,3 +76,43 @@ def _sum_gradients(module) -> None:
     module.set_gradient_divide_factor(1.0)
     # A plain sum needs no pre-multiplied reduction (which gloo lacks and NCCL cannot do zero-copy).
     module.set_force_sum_reduction_for_comms(True)
+
+
+def route_unsharded_accumulation() -> None:
+    """Have FSDP2 upcast and accumulate unsharded gradients across micro-batches (``defer_grad_sync``: low-precision
+    gradients summed in the fp32 reduce dtype) with moonforge's element-wise kernels, which ``compile_kernels``
+    fuses (aten's kernels for these mixed-dtype passes load element by element; they run once per parameter and
+    micro-batch). Same arithmetic either way (each value upcast, then one fp32 addition), so the results are
+    bit-identical; anything other than plain contiguous tensors into fp32 takes FSDP's own path. Installed once
+    per process, on FSDP's parameter class (a private one: a torch without these methods is left as it is)."""
+    try:
+        from torch.distributed.fsdp._fully_shard._fsdp_param import FSDPParam
+    except ImportError:
+        return
+    names = ("to_accumulated_grad_if_needed", "accumulate_unsharded_grad_if_needed")
+    if getattr(FSDPParam, "_moonforge_routed", False) or not all(hasattr(FSDPParam, n) for n in names):
+        return
+    own_upcast, own_accumulate = (getattr(FSDPParam, n) for n in names)
+
+    def plain(t) -> bool:
+        return type(t) is torch.Tensor and t.is_contiguous()
+
+    def to_accumulated_grad_if_needed(self) -> None:
+        grad = self._unsharded_param.grad
+        if grad is None or self.reduce_dtype != torch.float32 or grad.dtype == torch.float32 or not plain(grad):
+            return own_upcast(self)
+        self._unsharded_param.grad = None
+        self.unsharded_accumulated_grad = KERNELS.upcast(grad.view(-1)).view(grad.shape)
+
+    def accumulate_unsharded_grad_if_needed(self) -> None:
+        total = self.unsharded_accumulated_grad
+        grad = self.unsharded_param.grad if total is not None else None
+        if grad is None or not (plain(total) and plain(grad)) or total.shape != grad.shape:
+            return own_accumulate(self)
+        KERNELS.accumulate(total.view(-1), grad.view(-1))
+        self.unsharded_param.grad = None
+
+    FSDPParam.to_accumulated_grad_if_needed = to_accumulated_grad_if_needed
+    FSDPParam.accumulate_unsharded_grad_if_needed = accumulate_unsharded_grad_if_needed
+    FSDPParam._moonforge_routed = True
+    FSDPParam._moonforge_own = dict(zip(names, (own_upcast, own_accumulate)))  # for tests: FSDP's own path
