@@ -201,7 +201,15 @@ def device_activity(prof, wall_ms: float) -> dict:
     busy, compute_busy = _covered_us(spans) / 1000, _covered_us(compute) / 1000
     return {"wall_ms": round(wall_ms, 1), "busy_ms": round(busy, 1), "compute_busy_ms": round(compute_busy, 1),
             "nccl_only_ms": round(busy - compute_busy, 1), "idle_ms": round(max(wall_ms - busy, 0.0), 1),
-            "idle_gaps": idle_gaps(prof)}
+            "idle_gaps": _or_error(idle_gaps, prof)}
+
+
+def _or_error(fn, *args) -> dict:
+    """A diagnostic's result, or its error: a profiler that records less than expected must not lose the run."""
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001 - recorded in the JSON instead
+        return {"error": f"{type(e).__name__}: {e}"}
 
 
 # Host-side ranges that name where in a step the host was: the innermost one around a launch names the gap.
@@ -235,7 +243,7 @@ def idle_gaps(prof, min_us: float = 20.0, top: int = 25) -> dict:
             count += 1
         covered_to = end if covered_to is None else max(covered_to, end)
     ranked = sorted(sites.items(), key=lambda kv: -kv[1][1])[:top]
-    return {"min_gap_us": min_us, "total_ms": round(total / 1000, 1), "gaps": count,
+    return {"min_gap_us": min_us, "total_ms": round(total / 1000, 2), "gaps": count,
             "sites": [[name, n, round(us / 1000, 2)] for name, (n, us) in ranked]}
 
 
