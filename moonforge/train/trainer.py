@@ -158,7 +158,7 @@ class Trainer:
         from moonforge.parallel.pipeline import build_schedule
 
         def loss_fn(loss_sum, labels):  # the last stage already returns the summed cross-entropy
-            return loss_sum * (self.loss_scale / self._global_tokens)
+            return loss_sum * self.loss_scale / self._global_tokens
 
         return build_schedule(self.pm.parts, self.pm.stage_ids, self.meshes, self.grad_accum, loss_fn)
 
@@ -234,18 +234,21 @@ class Trainer:
             out["document_ids"] = docs
         return {k: v.to(self.device, non_blocking=True) for k, v in out.items()}
 
-    def _global_loss_tokens(self, micro_batches) -> int:
-        local = sum(int(b.num_loss_tokens()) for b in micro_batches)  # counted on the host: no device round trip
+    def _global_loss_tokens(self, micro_batches, on_device: bool = False) -> int | torch.Tensor:
+        """This step's loss tokens over all data-parallel ranks, counted on the host. With several ranks they are
+        summed by a collective; ``on_device`` leaves that sum on the device (int64, at least 1) rather than
+        waiting for it, so a training step starts without a host synchronisation."""
+        local = sum(int(b.num_loss_tokens()) for b in micro_batches)
         if self.world == 1:
-            return local
-        total = torch.tensor(local, dtype=torch.float64, device=self.device)
+            return max(local, 1) if on_device else local
+        total = torch.full((), local, dtype=torch.int64, device=self.device)  # a fill kernel: no host copy to wait on
         dist.all_reduce(total, group=self.meshes.world.get_group("dp"))
-        return int(total.item())
+        return total.clamp(min=1) if on_device else int(total.item())
 
     def train_step(self, micro_batches) -> StepResult:
         """Forward and backward over this rank's micro-batches of one global batch, then one optimizer step."""
         pm = self.pm
-        self._global_tokens = max(self._global_loss_tokens(micro_batches), 1)
+        self._global_tokens = self._global_loss_tokens(micro_batches, on_device=True)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         if self.pp_schedule is None:
             part = pm.parts[0]
@@ -265,12 +268,16 @@ class Trainer:
         routers = pm.routers()
         counts = collect_expert_counts(routers, group=self.meshes.stage.get_group() if self.world > 1 else None)
         load = self._expert_load(counts)
-        # One host synchronisation for the loss, the gradient norm and the expert loads (the clip coefficient
-        # already lives on the device, and the bias update waits on the device for the step's verdict).
-        parts = [self._reduce_loss(loss_sum).view(1), grad_norm.double().view(1)]
+        # The step's one host synchronisation, for the loss, the gradient norm, the loss tokens (summed on the
+        # device with several ranks) and the expert loads; the clip coefficient already lives on the device,
+        # and the bias update is queued after the verdict on the step.
+        tokens = self._global_tokens  # on the device with several ranks
+        on_device = [t.double().view(1) for t in (tokens,) if isinstance(t, torch.Tensor)]
+        parts = [self._reduce_loss(loss_sum).view(1), grad_norm.double().view(1), *on_device]
         values = torch.cat(parts if load is None else [*parts, load.flatten()]).tolist()
-        loss, grad_norm = values[:2]
-        expert_load = None if load is None else [(round(a, 4), round(b, 4)) for a, b in zip(values[2::2], values[3::2])]
+        loss, grad_norm, rest = values[0], values[1], values[2:]
+        loss_tokens = int(rest.pop(0)) if on_device else tokens
+        expert_load = None if load is None else [(round(a, 4), round(b, 4)) for a, b in zip(rest[::2], rest[1::2])]
         finite = math.isfinite(grad_norm) and math.isfinite(loss)
         if finite:
             self.optimizer.step()
@@ -281,7 +288,7 @@ class Trainer:
         self._update_loss_scale(finite)
         apply_expert_bias(routers, counts, self.cfg.expert_bias_update_rate if finite else 0.0)
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss=loss, grad_norm=grad_norm, skipped=not finite, loss_tokens=self._global_tokens,
+        return StepResult(loss=loss, grad_norm=grad_norm, skipped=not finite, loss_tokens=loss_tokens,
                           expert_load=expert_load)
 
     def _clip_gradients(self) -> torch.Tensor:
