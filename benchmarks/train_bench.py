@@ -327,7 +327,8 @@ def host_profile(fn, top: int = 40) -> dict:
         return out
 
     return {"host_s": round(host_s, 3), "aten_calls": aten_calls, "kernel_launches": launches,
-            "columns": ["function", "calls", "own_ms", "cum_ms"], "by_own_time": rows(lambda kv: -kv[1][2]), "by_cumulative_time": rows(lambda kv: -kv[1][3])}
+            "columns": ["function", "calls", "own_ms", "cum_ms"], "by_own_time": rows(lambda kv: -kv[1][2]),
+            "by_cumulative_time": rows(lambda kv: -kv[1][3])}
 
 
 KERNEL_CLASSES = (  # (class, substrings of the kernel name), first match wins
@@ -411,8 +412,8 @@ def _category(evt) -> str:
         scopes.append(parent.name)
         parent = parent.cpu_parent
     scope = next((s for s in scopes if s.startswith("mf.")), "")
-    if "nccl" in name or "record_param_comms" in name or "all_to_all" in name or "allgather" in name or "reduce_scatter" in name or \
-            "c10d" in name or "all_reduce" in name or "all_gather" in name:
+    if any(k in name for k in ("nccl", "record_param_comms", "all_to_all", "allgather", "reduce_scatter", "c10d",
+                               "all_reduce", "all_gather")):
         return "communication"
     if scope == "mf.optimizer" or "adam" in name or "muon" in name:
         return "optimizer"
@@ -623,7 +624,8 @@ def main(argv=None):
     cfg = train_config(args, mdir, tmp / "run", world)
     record = {
         "benchmark": "train_bench", "label": args.label, "commit": commit(), "date": time.strftime("%Y-%m-%d"),
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "gpu_count": world, "torch_version": torch.__version__,
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "gpu_count": world,
+        "torch_version": torch.__version__,
         "cuda_version": torch.version.cuda, "args": vars(args), "train_config": cfg.to_dict(),
     }
     try:

@@ -33,3 +33,14 @@ def tokenizer(tokenizer_dir):
     from moonforge.tokenizer import load_tokenizer
 
     return load_tokenizer(tokenizer_dir)
+
+
+@pytest.fixture(params=[False, True], ids=["eager", "compiled"])
+def kernels(request):
+    """moonforge's element-wise kernels as written, then compiled (``compile_kernels``); reset afterwards."""
+    from moonforge.model import KERNELS, compile_kernels
+
+    if request.param:
+        compile_kernels()
+    yield
+    KERNELS.reset()

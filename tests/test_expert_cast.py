@@ -13,18 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moonforge.model import KERNELS, compile_kernels, expert_ffn
+from moonforge.model import expert_ffn
 from moonforge.parallel.expert import _cast_for_use, _cast_once, release_weight_casts
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-@pytest.fixture(params=[False, True], ids=["eager", "compiled"])
-def kernels(request):
-    if request.param:
-        compile_kernels()
-    yield
-    KERNELS.reset()
 
 
 def _experts(device, seed=0):

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from moonforge.model import KERNELS, compile_kernels
+from moonforge.model import KERNELS
 from moonforge.parallel.fsdp import route_unsharded_accumulation
 
 MICRO_BATCHES = 3
@@ -29,14 +29,6 @@ def one_rank():
         yield
     finally:
         dist.destroy_process_group()
-
-
-@pytest.fixture(params=[False, True], ids=["eager", "compiled"])
-def kernels(request):
-    if request.param:
-        compile_kernels()
-    yield
-    KERNELS.reset()
 
 
 def _model() -> nn.Module:
@@ -77,7 +69,8 @@ def test_routed_accumulation_is_fsdps_own_bit_for_bit(one_rank, kernels, monkeyp
     calls = {"upcast": 0, "accumulate": 0}
     for name in calls:
         kernel = getattr(KERNELS, name)
-        monkeypatch.setattr(KERNELS, name, lambda *a, _k=kernel, _n=name: calls.__setitem__(_n, calls[_n] + 1) or _k(*a))
+        counted = lambda *a, _k=kernel, _n=name: calls.__setitem__(_n, calls[_n] + 1) or _k(*a)  # noqa: E731
+        monkeypatch.setattr(KERNELS, name, counted)
     routed = _fsdp_grads(_model())
     n_params = len(list(_model().parameters()))
     assert calls == {"upcast": n_params, "accumulate": n_params * (MICRO_BATCHES - 1)}, calls
