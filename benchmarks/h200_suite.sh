@@ -21,7 +21,8 @@
 #   bash benchmarks/h200_suite.sh fp8 OUTDIR    # one H200: precision fp8 against bf16, 27 layers x 8 experts, seq 4096 and packed SFT
 #   bash benchmarks/h200_suite.sh fp8-6l OUTDIR # one H200: precision fp8 against bf16, 6 layers, the one-GPU engine (flat buffers)
 #   bash benchmarks/h200_suite.sh two-i OUTDIR  # two H200s: the two-GPU targets with blocks compiled, fp8 against bf16
-#   bash benchmarks/h200_suite.sh check OUTDIR  # one GPU: logits parity and 6 layers vs transformers, blocks compiled
+#   bash benchmarks/h200_suite.sh check OUTDIR  # one GPU: logits parity, 6 layers vs transformers (blocks compiled),
+#       and the tests with GPU cases
 #   bash benchmarks/h200_suite.sh optim OUTDIR [BASE]  # one GPU: AdamW compiled over chunks of parameters and one
 #       sync per step, between two runs of the tree in BASE (an earlier commit: `git archive 6a0406d | tar x -C BASE`);
 #       OPTIM_LAYERS (default 27), OPTIM_FLAGS (default --host-profile --sync-audit), BASE_COMMIT (the base's name)
@@ -199,6 +200,9 @@ if [ "$MODE" = check ]; then  # a regression check of the one-GPU target at the 
   python3 benchmarks/gpu_parity.py --out "$OUT/gpu_parity_$G.json" > "$OUT/parity.log" 2>&1; tail -6 "$OUT/parity.log"
   bench train_6l_${G}_blocks_vs_hf_check 1 300 --layers 6 --mbs 2 --seq 4096 --steps 8 --warmup 4 --state-dtype bf16 \
     --compile --compile-blocks --hf-baseline
+  # The tests with GPU cases (compiled AdamW, FP8 products, expert casts, FSDP's routed accumulation).
+  timeout 300 python3 -m pytest -q tests/test_adamw.py tests/test_fp8.py tests/test_expert_cast.py \
+    tests/test_fsdp_accumulation.py > "$OUT/pytest_gpu.log" 2>&1; echo "GPU tests: $(tail -1 "$OUT/pytest_gpu.log")"
 fi
 if [ "$MODE" = optim ]; then  # one GPU, blocks compiled, L layers x 8 experts: the tree in $3, this tree, $3 again
   L=${OPTIM_LAYERS:-27}  # 20 keeps an H100 (80 GB) clear of allocator retries, which would swamp the host times
