@@ -272,7 +272,7 @@ class Trainer:
         # device with several ranks) and the expert loads; the clip coefficient already lives on the device,
         # and the bias update is queued after the verdict on the step.
         tokens = self._global_tokens  # on the device with several ranks
-        on_device = [t.double().view(1) for t in (tokens,) if isinstance(t, torch.Tensor)]
+        on_device = [tokens.double().view(1)] if isinstance(tokens, torch.Tensor) else []
         parts = [self._reduce_loss(loss_sum).view(1), grad_norm.double().view(1), *on_device]
         values = torch.cat(parts if load is None else [*parts, load.flatten()]).tolist()
         loss, grad_norm, rest = values[0], values[1], values[2:]
