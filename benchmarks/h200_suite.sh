@@ -201,7 +201,7 @@ if [ "$MODE" = check ]; then  # a regression check of the one-GPU target at the 
   bench train_6l_${G}_blocks_vs_hf_check 1 300 --layers 6 --mbs 2 --seq 4096 --steps 8 --warmup 4 --state-dtype bf16 \
     --compile --compile-blocks --hf-baseline
   # The tests with GPU cases (compiled AdamW, FP8 products, expert casts, FSDP's routed accumulation).
-  timeout 300 python3 -m pytest -q tests/test_adamw.py tests/test_fp8.py tests/test_expert_cast.py \
+  timeout 300 python3 -m pytest -q tests/test_adamw.py tests/test_fp8.py tests/test_expert_cast.py tests/test_comm.py \
     tests/test_fsdp_accumulation.py > "$OUT/pytest_gpu.log" 2>&1; echo "GPU tests: $(tail -1 "$OUT/pytest_gpu.log")"
 fi
 if [ "$MODE" = optim ]; then  # one GPU, blocks compiled, L layers x 8 experts: the tree in $3, this tree, $3 again

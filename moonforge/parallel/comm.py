@@ -22,6 +22,29 @@ def reduce_scatter(x: torch.Tensor, group, dim: int = 0) -> torch.Tensor:
     return _ReduceScatter.apply(x, group, dim)
 
 
+def host_values_later(t: torch.Tensor):
+    """Start copying the small integer tensor ``t`` to the host; returns a function that waits for that copy
+    alone and gives its values as a list.
+
+    ``t.tolist()`` waits for all work queued so far and leaves the GPU idle until the host queues more. Queue the
+    work that does not need the values between the two calls, and the GPU keeps busy with it while the host
+    reads them. Off a GPU the values are read at once.
+    """
+    if t.device.type != "cuda":
+        values = t.tolist()
+        return lambda: values
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+
+    def wait() -> list:
+        copied.synchronize()
+        return host.tolist()
+
+    return wait
+
+
 def _all_to_all(x, out_splits, in_splits, group):
     out = x.new_empty((sum(out_splits), *x.shape[1:]))
     dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)

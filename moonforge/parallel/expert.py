@@ -33,7 +33,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from moonforge.model import KERNELS, GroupedExperts, MoE, expert_ffn, sort_by_expert
-from moonforge.parallel.comm import all_gather, all_reduce_in_place, all_to_all, reduce_scatter
+from moonforge.parallel.comm import all_gather, all_reduce_in_place, all_to_all, host_values_later, reduce_scatter
 from moonforge.parallel.mesh import Meshes
 
 
@@ -118,37 +118,41 @@ class _ParallelExperts:
     def _sort_and_exchange(self, x, weights, indices, gate_up, down, again) -> torch.Tensor:
         top_k = indices.shape[1]
         order, counts = sort_by_expert(indices, self.n_experts)
-        routed = x[order // top_k]
         if self.ep > 1:
-            h = self._dispatch_compute_combine(routed, counts, gate_up, down, again)
+            h = self._dispatch_compute_combine(x, order // top_k, counts, gate_up, down, again)
         else:
-            h = expert_ffn(routed, gate_up, down, counts, again, fp8=self.experts.fp8)
+            h = expert_ffn(x[order // top_k], gate_up, down, counts, again, fp8=self.experts.fp8)
         return KERNELS.combine(h, order, weights)
 
     def _gather_compute_scatter(self, x, weights, indices, gate_up, down, again) -> torch.Tensor:
         local_experts = self.n_experts // self.ep
-        x = all_gather(x, self.ep_group)
-        weights = all_gather(weights, self.ep_group)
         indices = _all_gather_no_grad(indices, self.ep_group)
         top_k = indices.shape[1]
         # Slots routed elsewhere get the key local_experts and sort last; their rows of the combine are zero.
         key = indices - self.ep_rank * local_experts
         key = torch.where((key >= 0) & (key < local_experts), key, local_experts)
         order, counts = sort_by_expert(key, local_experts + 1)
-        n_local = key.numel() - int(counts[-1])  # one host sync per layer
+        elsewhere = host_values_later(counts[-1:])  # one host synchronisation per layer, behind the all-gathers
+        x = all_gather(x, self.ep_group)
+        weights = all_gather(weights, self.ep_group)
+        n_local = key.numel() - elsewhere()[0]
         h = expert_ffn(x[order[:n_local] // top_k], gate_up, down, counts[:-1], again,
                        fp8=self.experts.fp8)
         h = torch.cat([h, h.new_zeros(key.numel() - n_local, h.shape[1])])
         return reduce_scatter(KERNELS.combine(h, order, weights), self.ep_group)
 
-    def _dispatch_compute_combine(self, routed: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor,
-                                  down: torch.Tensor, again=None) -> torch.Tensor:
+    def _dispatch_compute_combine(self, x: torch.Tensor, rows: torch.Tensor, counts: torch.Tensor,
+                                  gate_up: torch.Tensor, down: torch.Tensor, again=None) -> torch.Tensor:
+        """Send ``x[rows]`` (sorted by expert, ``counts`` per expert) to the ranks holding their experts, compute,
+        and bring the results back in the same order."""
         ep, local_experts = self.ep, self.n_experts // self.ep
         send = counts.view(ep, local_experts)                  # rows for each destination rank, per its expert
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send, group=self.ep_group)  # recv[src, e]: rows from src for local expert e
-        splits = torch.stack([send.sum(1), recv.sum(1)]).tolist()  # one host sync per layer
-        send_splits, recv_splits = splits
+        # One host synchronisation per layer for the split sizes; the GPU gathers the rows meanwhile.
+        splits = host_values_later(torch.stack([send.sum(1), recv.sum(1)]))
+        routed = x[rows]
+        send_splits, recv_splits = splits()
         received = all_to_all(routed, recv_splits, send_splits, self.ep_group)
         # Received rows are ordered (source rank, expert); the grouped GEMM wants (expert, source rank).
         segment = torch.arange(ep * local_experts, device=routed.device).view(ep, local_experts)
