@@ -25,7 +25,8 @@
 #       and the tests with GPU cases
 #   bash benchmarks/h200_suite.sh optim OUTDIR [BASE]  # one GPU: AdamW compiled over chunks of parameters and one
 #       sync per step, between two runs of the tree in BASE (an earlier commit: `git archive 6a0406d | tar x -C BASE`);
-#       OPTIM_LAYERS (default 27), OPTIM_FLAGS (default --host-profile --sync-audit), BASE_COMMIT (the base's name)
+#       OPTIM_LAYERS (default 27), OPTIM_FLAGS (default --host-profile --sync-audit), BASE_COMMIT (the base's name),
+#       OPTIM_BASE_AGAIN=0 (skip the third run)
 # Each run writes one JSON (see benchmarks/train_bench.py); a failing run records its error and the suite goes on.
 set -u
 MODE=$1; OUT=$2; mkdir -p "$OUT"
@@ -211,7 +212,7 @@ if [ "$MODE" = optim ]; then  # one GPU, blocks compiled, L layers x 8 experts: 
   base() { (cd "$1" && export PYTHONPATH=$PWD MOONFORGE_COMMIT=${BASE_COMMIT:-base} && bench "$2" 1 240 $COMMON); }
   [ -z "${3:-}" ] || base "$3" host_${L}l_e8_4k_optim_base
   bench host_${L}l_e8_4k_optim 1 240 $COMMON
-  [ -z "${3:-}" ] || base "$3" host_${L}l_e8_4k_optim_base_again
+  [ -z "${3:-}" ] || [ "${OPTIM_BASE_AGAIN:-1}" = 0 ] || base "$3" host_${L}l_e8_4k_optim_base_again
 fi
 
 if [ "$MODE" = two-i ]; then  # two H200s, blocks compiled: precision fp8 against bf16 for both two-GPU targets
