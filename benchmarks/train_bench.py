@@ -223,19 +223,15 @@ def idle_gaps(prof, min_us: float = 20.0, top: int = 25) -> dict:
     ``top`` sites by idle time: [site, gaps, ms]."""
     from torch.autograd import DeviceType
 
-    events = prof.events()
-    cpu_by_id = {e.id: e for e in events if e.device_type == DeviceType.CPU}
-    kernels = sorted((e for e in events if e.device_type == DeviceType.CUDA and not _is_annotation(e)),
-                     key=lambda e: e.time_range.start)
+    cpu_by_id = {e.id: e for e in prof.events() if e.device_type == DeviceType.CPU}
     sites: dict[str, list] = {}
     total = 0.0
     count = 0
     covered_to = None
-    for k in kernels:
-        start, end = k.time_range.start, k.time_range.end
+    for start, end, launched_by in sorted(_kernels(prof)):
         if covered_to is not None and start - covered_to >= min_us:
             gap = start - covered_to
-            site = _launch_site(cpu_by_id.get(getattr(k, "linked_correlation_id", -1)))
+            site = _launch_site(cpu_by_id.get(launched_by))
             entry = sites.setdefault(site, [0, 0.0])
             entry[0] += 1
             entry[1] += gap
@@ -245,6 +241,26 @@ def idle_gaps(prof, min_us: float = 20.0, top: int = 25) -> dict:
     ranked = sorted(sites.items(), key=lambda kv: -kv[1][1])[:top]
     return {"min_gap_us": min_us, "total_ms": round(total / 1000, 2), "gaps": count,
             "sites": [[name, n, round(us / 1000, 2)] for name, (n, us) in ranked]}
+
+
+def _kernels(prof) -> list[tuple[float, float, int]]:
+    """(start us, end us, correlation id of the launching operator) of every kernel of a profile. Read from the
+    profiler's raw events where it keeps them: the operator events carry that id, but not every torch version
+    keeps it on the kernel events."""
+    from torch.autograd import DeviceType
+
+    raw = getattr(getattr(prof, "profiler", None), "kineto_results", None)
+    if raw is None:
+        return [(e.time_range.start, e.time_range.end, getattr(e, "linked_correlation_id", -1))
+                for e in prof.events() if e.device_type == DeviceType.CUDA and not _is_annotation(e)]
+    out = []
+    for e in raw.events():
+        if e.device_type() != DeviceType.CUDA or e.name().startswith(_ANNOTATION_PREFIXES):
+            continue
+        if getattr(e, "is_user_annotation", None) is not None and e.is_user_annotation():
+            continue
+        out.append((e.start_ns() / 1000, e.end_ns() / 1000, e.linked_correlation_id()))
+    return out
 
 
 def _launch_site(op) -> str:

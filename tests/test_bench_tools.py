@@ -60,8 +60,20 @@ def test_idle_gaps_are_charged_to_the_launching_code():
               SimpleNamespace(name="## Call CompiledFxGraph abc ##", device_type=DeviceType.CUDA,  # a GPU-side range,
                               linked_correlation_id=0, is_user_annotation=False,                 # not a kernel
                               time_range=SimpleNamespace(start=0, end=400))]
-    prof = SimpleNamespace(events=lambda: events)
-    gaps = train_bench.idle_gaps(prof, min_us=20)
+    from_events = SimpleNamespace(events=lambda: events)
+    # The same kernels as the profiler's raw records (nanoseconds), which every torch version links to their op.
+    raw = [SimpleNamespace(device_type=lambda e=e: e.device_type, name=lambda e=e: e.name,
+                           is_user_annotation=lambda e=e: getattr(e, "is_user_annotation", False),
+                           start_ns=lambda e=e: e.time_range.start * 1000, end_ns=lambda e=e: e.time_range.end * 1000,
+                           linked_correlation_id=lambda e=e: e.linked_correlation_id)
+           for e in events if e.device_type == DeviceType.CUDA]
+    from_raw = SimpleNamespace(events=lambda: [e for e in events if e.device_type == DeviceType.CPU],
+                               profiler=SimpleNamespace(kineto_results=SimpleNamespace(events=lambda: raw)))
+    for prof in (from_events, from_raw):
+        _check(train_bench.idle_gaps(prof, min_us=20))
+
+
+def _check(gaps):
     assert gaps["gaps"] == 4 and gaps["total_ms"] == pytest.approx(0.23, abs=0.001)
     sites = {name: (n, ms) for name, n, ms in gaps["sites"]}
     assert sites == {"mf.optimizer > Optimizer.step#AdamW.step / aten::_foreach_add_": (1, 0.1),
