@@ -1,9 +1,10 @@
 """AdamW for sharded parameters (FSDP2/TP/EP DTensors or plain tensors), with moments in fp32 or bf16.
 
 The update of each parameter is one fused element-wise kernel on GPUs (gradient clipping folded in), so a step
-reads and writes each byte once, and each compiled call updates a chunk of a parameter group, so the host launches the
-kernels back to back instead of paying Python and guard overhead per parameter. bf16 moments cut the optimizer
-state from 8 to 4 bytes per parameter, which is what lets full Moonlight pretraining fit on two H200s. The formula is torch.optim.AdamW's.
+reads and writes each byte once, and each compiled call updates a chunk of a parameter group, so the host
+launches the kernels back to back instead of paying Python and guard overhead per parameter. bf16 moments cut
+the optimizer state from 8 to 4 bytes per parameter, which is what lets full Moonlight pretraining fit on two
+H200s. The formula is torch.optim.AdamW's.
 """
 
 from __future__ import annotations
@@ -53,12 +54,10 @@ class AdamW(torch.optim.Optimizer):
                 states = [self._init_state(p) for p in params]
                 steps = [s["step"] for s in states]
                 torch._foreach_add_(steps, 1)
-                # Flat aliases that are not views, so the compiled call's guards do not depend on each base's rank.
-                flat = lambda ts: [_local(t).view(-1).detach() for t in ts]  # noqa: E731
                 # Filled on the device once per group, not copied from the host for every parameter.
                 lr = torch.full((), group["lr"], dtype=torch.float32, device=device)
-                args = (flat(params), flat([s["exp_avg"] for s in states]), flat([s["exp_avg_sq"] for s in states]),
-                        flat([p.grad for p in params]), steps, self.clip_coef.to(device), lr, beta1, beta2,
+                args = (_flat(params), _flat([s["exp_avg"] for s in states]), _flat([s["exp_avg_sq"] for s in states]),
+                        _flat([p.grad for p in params]), steps, self.clip_coef.to(device), lr, beta1, beta2,
                         group["eps"], group["weight_decay"])
                 compiled = self.compile or (self.compile is None and device.type == "cuda")
                 for start in range(0, len(params), CHUNK):
@@ -86,6 +85,12 @@ def _update(param, exp_avg, exp_avg_sq, grad, clip_coef, step, lr, beta1: float,
     param.copy_(param.float() * (1 - lr * weight_decay) - lr * update)
     exp_avg.copy_(m)
     exp_avg_sq.copy_(v)
+
+
+def _flat(tensors) -> list[torch.Tensor]:
+    """1-D aliases of the local shards that are not views, so the compiled call's guards do not depend on each
+    base's rank."""
+    return [_local(t).view(-1).detach() for t in tensors]
 
 
 def _update_many(params, exp_avgs, exp_avg_sqs, grads, steps, clip_coef, lr, beta1: float, beta2: float, eps: float,

@@ -2,7 +2,7 @@
 
 Two halves, so a training step can read the loads in the same host synchronisation as its loss:
 ``collect_expert_counts`` (after the last backward) and ``apply_expert_bias`` (once the step is known to be
-finite). ``update_expert_bias`` does both.
+finite).
 """
 
 from __future__ import annotations
@@ -43,11 +43,3 @@ def apply_expert_bias(routers: dict[int, Router], counts: torch.Tensor | None, r
         if bias is not None:
             bias.add_(delta[row].to(bias.dtype))
 
-
-def update_expert_bias(routers: dict[int, Router], rate: float, group: dist.ProcessGroup | None = None
-                       ) -> torch.Tensor | None:
-    """Collect the loads and apply the bias update in one call; returns the summed counts [layers, experts].
-    ``rate`` 0 leaves the bias frozen but still reports (and resets) the loads."""
-    counts = collect_expert_counts(routers, group)
-    apply_expert_bias(routers, counts, rate)
-    return counts
