@@ -27,6 +27,8 @@
 #       sync per step, between two runs of the tree in BASE (an earlier commit: `git archive 6a0406d | tar x -C BASE`);
 #       OPTIM_LAYERS (default 27), OPTIM_FLAGS (default --host-profile --sync-audit), BASE_COMMIT (the base's name),
 #       OPTIM_BASE_AGAIN=0 (skip the third run)
+#   bash benchmarks/h200_suite.sh fp8-cache OUTDIR  # one GPU: FP8 with weights quantised once per step, against bf16
+#       and per-use FP8; FP8_LAYERS (default 20) layers x 8 experts, then 6 layers with all 64 experts
 # Each run writes one JSON (see benchmarks/train_bench.py); a failing run records its error and the suite goes on.
 set -u
 MODE=$1; OUT=$2; mkdir -p "$OUT"
@@ -214,13 +216,26 @@ if [ "$MODE" = optim ]; then  # one GPU, blocks compiled, L layers x 8 experts: 
   bench host_${L}l_e8_4k_optim 1 240 $COMMON
   [ -z "${3:-}" ] || [ "${OPTIM_BASE_AGAIN:-1}" = 0 ] || base "$3" host_${L}l_e8_4k_optim_base_again
 fi
+if [ "$MODE" = fp8-cache ]; then  # one GPU (tag GPU_TAG): weights quantised once per step against bf16, per-use FP8
+  G=${GPU_TAG:-h200}; L=${FP8_LAYERS:-20}
+  COMMON="--layers $L --experts 8 --engine fsdp --mbs 1 --gbs 4 --state-dtype bf16 --compile --compile-blocks --steps 4 \
+    --warmup 2 --seq 4096 --ac none"
+  bench host_${L}l_e8_4k_${G}_fp8_cached 1 150 $COMMON --precision fp8
+  bench host_${L}l_e8_4k_${G}_bf16 1 150 $COMMON
+  bench host_${L}l_e8_4k_${G}_fp8_per_use 1 150 $COMMON --precision fp8 --set fp8_cache_weights=false --no-profile
+  S6="--layers 6 --mbs 2 --seq 4096 --steps 4 --warmup 2 --state-dtype bf16 --compile --compile-blocks --no-profile"
+  bench train_6l_${G}_fp8_cached 1 120 $S6 --precision fp8
+  bench train_6l_${G}_bf16 1 120 $S6
+fi
 
 if [ "$MODE" = two-i ]; then  # two H200s, blocks compiled: precision fp8 against bf16 for both two-GPU targets
   COMMON="--steps 4 --warmup 2 --state-dtype bf16 --compile --compile-blocks --set parallel.ep_dispatcher=allgather"
   SFT="--layers 27 --mbs 1 --gbs 8 --ep 2 --seq 8192 --attention varlen --packed 8 --ac full --ac-layers 17"
   PRE="--layers 27 --mbs 1 --gbs 8 --ep 2 --seq 4096 --ac none"
-  bench train_27l_2xh200_ep2_allgather_blocks_fp8 2 140 $PRE $COMMON --precision fp8
+  # FP8 weight copies kept for the step would add ~17 GiB per GPU to runs already at 130: quantised per use here.
+  bench train_27l_2xh200_ep2_allgather_blocks_fp8 2 140 $PRE $COMMON --precision fp8 --set fp8_cache_weights=false
   bench train_27l_2xh200_ep2_allgather_blocks_bf16 2 140 $PRE $COMMON
   bench sft_packed_8k_27l_2xh200_ep2_allgather_ac17_blocks_bf16 2 140 $SFT $COMMON
-  bench sft_packed_8k_27l_2xh200_ep2_allgather_ac17_blocks_fp8 2 140 $SFT $COMMON --precision fp8
+  bench sft_packed_8k_27l_2xh200_ep2_allgather_ac17_blocks_fp8 2 140 $SFT $COMMON --precision fp8 \
+    --set fp8_cache_weights=false
 fi

@@ -6,9 +6,12 @@ gradient stays a bf16 product. Two of every three GEMM FLOPs thereby use Hopper'
 accumulated weight update never sees FP8 rounding, and no activation needs quantising along the token axis
 (which would take a transposed copy). Activations are kept in bf16 for the backward, as without FP8.
 
-Scales are computed from each row's absolute maximum at every use (current scaling, no amax history), so a
-product never overflows. Weights are quantised once per use too: ``[out, in]`` along ``in`` for the forward and
-along ``out`` for the input gradient.
+Scales are computed from each row's absolute maximum (current scaling, no amax history), so a product never
+overflows. Activations and output gradients are quantised at every use. A weight ``[out, in]`` is quantised along
+``in`` for the forward and along ``out`` for the input gradient; in training both copies are made once and kept
+while the weight is unchanged (``cached``): weights change only at the optimizer step, so every micro-batch of a
+step, forward and backward, reuses them. The copies cost one byte per parameter each and are dropped before the
+optimizer step (``release_cached``); ``enable_fp8(model, cache_weights=False)`` quantises per use instead.
 
 ``torch._scaled_mm`` and ``torch._scaled_grouped_mm`` (CUTLASS on sm89+/sm90) do the products on GPUs. Elsewhere
 the same products are formed from the dequantised operands in fp32 (their definition; torch's CPU kernel takes
@@ -17,7 +20,10 @@ only one scale per tensor), so the recipe's numerics can be tested anywhere, slo
 
 from __future__ import annotations
 
+from typing import Callable, NamedTuple
+
 import torch
+from torch import nn
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = float(torch.finfo(E4M3).max)  # 448
@@ -102,28 +108,84 @@ def _(grad, x, offs):
     return grad.new_empty(offs.shape[0], grad.shape[1], x.shape[1])
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``F.linear(x, weight)`` (no bias) with the forward and input-gradient products in FP8."""
-    return _Fp8Linear.apply(x, weight)
+class QuantizedWeight(NamedTuple):
+    """A weight ``[..., out, in]`` in e4m3 both ways: ``q`` with a scale per row along ``in`` (the forward
+    product contracts it), ``q_t`` = the transpose ``[..., in, out]`` with a scale per row along ``out`` (the
+    input-gradient product contracts that)."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    q_t: torch.Tensor
+    scale_t: torch.Tensor
+
+
+def quantize_weight(weight: torch.Tensor) -> QuantizedWeight:
+    return QuantizedWeight(*quantize_rows(weight), *quantize_rows(weight.transpose(-2, -1)))
+
+
+def cached(owner: nn.Module, sources: tuple[torch.Tensor, ...],
+           build: Callable[[], tuple[QuantizedWeight, ...]]) -> tuple[QuantizedWeight, ...] | None:
+    """``owner``'s quantised weights from ``build()``, made again only when a tensor of ``sources`` has changed
+    (another tensor, or its version counter moved: an in-place update); None when not training (inference
+    quantises per use, the forward orientation only) or when ``owner.fp8_cache_weights`` is off.
+
+    Inside a compiled graph the copies are only read: ``prepare`` makes them, eagerly, before the graph runs
+    (data pointers and version counters cannot be traced)."""
+    if not torch.is_grad_enabled() or not getattr(owner, "fp8_cache_weights", False):
+        return None
+    if torch.compiler.is_compiling():
+        return owner.__dict__.get("_fp8_weights")
+    key = tuple((t.data_ptr(), t._version, tuple(t.shape), t.dtype) for t in sources)
+    if owner.__dict__.get("_fp8_key") != key:
+        owner.__dict__.pop("_fp8_weights", None)  # free the stale copies before making new ones
+        with torch.no_grad():
+            owner._fp8_weights = build()
+        owner._fp8_key = key
+    return owner._fp8_weights
+
+
+def prepare(modules: list[nn.Module]) -> None:
+    """Make (or keep) the cached copies of these modules' weights, eagerly, before a compiled graph reads them.
+    A module takes part through its ``quantized_weights()``, which calls ``cached``."""
+    for module in modules:
+        if module.fp8:
+            module.quantized_weights()
+
+
+def release_cached(model: nn.Module) -> None:
+    """Drop every cached quantised weight of ``model``: before the optimizer step changes the weights, and to
+    free their memory (the version check alone could miss a weight rewritten into the same storage by a copy
+    that does not count as an in-place update, such as FSDP's next all-gather)."""
+    for module in model.modules():
+        module.__dict__.pop("_fp8_weights", None)
+        module.__dict__.pop("_fp8_key", None)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, quantized: QuantizedWeight | None = None) -> torch.Tensor:
+    """``F.linear(x, weight)`` (no bias) with the forward and input-gradient products in FP8; ``quantized``:
+    ``weight`` already quantised both ways (else it is quantised here, per use)."""
+    return _Fp8Linear.apply(x, weight, *(quantized or (None,) * 4))
 
 
 class _Fp8Linear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight):
+    def forward(ctx, x, weight, qw, sw, qwt, swt):
         x2 = x.reshape(-1, x.shape[-1])
         qx, sx = quantize_rows(x2)
-        qw, sw = quantize_rows(weight)
+        if qw is None:
+            qw, sw = quantize_rows(weight)
         out = scaled_mm(qx, sx, qw, sw, x.dtype, fast_accum=True)
-        ctx.save_for_backward(x2, weight)
+        ctx.save_for_backward(x2, weight, qwt, swt)
         ctx.in_shape = x.shape
         return out.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad):
-        x2, weight = ctx.saved_tensors
+        x2, weight, qwt, swt = ctx.saved_tensors
         g2 = grad.reshape(-1, grad.shape[-1])
         qg, sg = quantize_rows(g2)
-        qwt, swt = quantize_rows(weight.t())  # [in, out]: scales along the contracted ``out``
+        if qwt is None:
+            qwt, swt = quantize_rows(weight.t())  # [in, out]: scales along the contracted ``out``
         d_x = scaled_mm(qg, sg, qwt, swt, grad.dtype)
         d_w = g2.t().to(x2.dtype) @ x2
-        return d_x.view(ctx.in_shape), d_w.to(weight.dtype)
+        return d_x.view(ctx.in_shape), d_w.to(weight.dtype), None, None, None, None

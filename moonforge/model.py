@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from moonforge import fp8
@@ -205,8 +206,12 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.fp8:
             return F.linear(x, self.weight, self.bias)
-        out = fp8.linear(x, self.weight)
+        quantized = self.quantized_weights()
+        out = fp8.linear(x, self.weight, quantized[0] if quantized else None)
         return out if self.bias is None else out + self.bias
+
+    def quantized_weights(self) -> tuple[fp8.QuantizedWeight] | None:
+        return fp8.cached(self, (self.weight,), lambda: (fp8.quantize_weight(self.weight),))
 
 
 class MLA(nn.Module):
@@ -366,8 +371,20 @@ class GroupedExperts(nn.Module):
         """x [T, H], weights/indices [T, k] -> sum over the k chosen experts of weight * expert(x): [T, H]."""
         n_tokens, top_k = indices.shape
         order, counts = sort_by_expert(indices, self.gate_up_proj.shape[0])
-        h = expert_ffn(x[order // top_k], self.gate_up_proj, self.down_proj, counts, fp8=self.fp8)
+        h = expert_ffn(x[order // top_k], self.gate_up_proj, self.down_proj, counts, fp8=self.fp8,
+                       quantized=self.quantized_weights() if self.fp8 else None)
         return KERNELS.combine(h, order, weights)
+
+    def quantized_weights(self, gate_up: torch.Tensor | None = None, down: torch.Tensor | None = None,
+                          sources: tuple[torch.Tensor, ...] | None = None):
+        """The cached FP8 copies of (gate_up as [E, 2I, H], down), see ``fp8.cached``. Expert parallelism passes
+        its local compute-dtype copies and, as ``sources``, the masters they come from; the module's own weights
+        are DTensors there and have no local copies to quantise."""
+        if gate_up is None:
+            if isinstance(self.gate_up_proj, DTensor):
+                return None
+            gate_up, down = self.gate_up_proj, self.down_proj
+        return fp8.cached(self, sources or (gate_up, down), lambda: quantize_expert_weights(gate_up, down))
 
     def reset_parameters(self, std: float) -> None:
         nn.init.normal_(self.gate_up_proj, std=std)
@@ -385,16 +402,24 @@ def sort_by_expert(indices: torch.Tensor, n_experts: int) -> tuple[torch.Tensor,
     return indices.flatten().argsort(stable=True), expert_counts(indices, n_experts)
 
 
+def quantize_expert_weights(gate_up: torch.Tensor, down: torch.Tensor) -> tuple[fp8.QuantizedWeight, ...]:
+    """Both expert weights in e4m3 both ways, gate_up [E, 2, I, H] viewed as the product's [E, 2I, H]."""
+    n_experts, _, inter, hidden = gate_up.shape
+    return fp8.quantize_weight(gate_up.reshape(n_experts, 2 * inter, hidden)), fp8.quantize_weight(down)
+
+
 def expert_ffn(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, counts: torch.Tensor,
-               weights_again=None, fp8: bool = False) -> torch.Tensor:
+               weights_again=None, fp8: bool = False, quantized=None) -> torch.Tensor:
     """SwiGLU of rows grouped by expert: x [N, H] sorted by expert, counts [E] rows per expert.
 
     The backward rebuilds the SwiGLU output from the saved gate/up projections instead of keeping it (an [N, I]
     activation per MoE layer less). ``weights_again``, when given, is called in the backward to rebuild the
     compute-dtype (gate_up, down) instead of keeping the forward's copies alive until then. ``fp8``: the
-    forward and input-gradient products in rowwise-scaled FP8 (see ``moonforge.fp8``).
+    forward and input-gradient products in rowwise-scaled FP8 (see ``moonforge.fp8``), with ``quantized``, when
+    given, the weights' FP8 copies (``quantize_expert_weights``) instead of quantising them here.
     """
-    return _ExpertFFN.apply(x, gate_up, down, counts, weights_again, fp8)
+    flat = (None,) * 8 if quantized is None else (*quantized[0], *quantized[1])
+    return _ExpertFFN.apply(x, gate_up, down, counts, weights_again, fp8, *flat)
 
 
 class _ExpertFFN(torch.autograd.Function):
@@ -402,35 +427,40 @@ class _ExpertFFN(torch.autograd.Function):
     ``torch._grouped_mm``."""
 
     @staticmethod
-    def forward(ctx, x, gate_up, down, counts, weights_again, use_fp8):
+    def forward(ctx, x, gate_up, down, counts, weights_again, use_fp8, q13, s13, q13_t, s13_t, qd, sd, qd_t, sd_t):
         n_experts, _, inter, hidden = gate_up.shape
         offs = counts.cumsum(0).to(torch.int32)
         w13 = gate_up.to(x.dtype).reshape(n_experts, 2 * inter, hidden)
         if use_fp8:
-            h = fp8.scaled_grouped_mm(*fp8.quantize_rows(x), *fp8.quantize_rows(w13), offs, x.dtype, fast_accum=True)
+            w13_q = (q13, s13) if q13 is not None else fp8.quantize_rows(w13)
+            h = fp8.scaled_grouped_mm(*fp8.quantize_rows(x), *w13_q, offs, x.dtype, fast_accum=True)
         else:
             h = torch._grouped_mm(x, w13.transpose(1, 2), offs=offs)
         gate, up = h.split(inter, dim=-1)
         act = KERNELS.swiglu(gate, up)
         if use_fp8:
-            out = fp8.scaled_grouped_mm(*fp8.quantize_rows(act), *fp8.quantize_rows(down.to(x.dtype)), offs, x.dtype,
-                                        fast_accum=True)
+            down_q = (qd, sd) if qd is not None else fp8.quantize_rows(down.to(x.dtype))
+            out = fp8.scaled_grouped_mm(*fp8.quantize_rows(act), *down_q, offs, x.dtype, fast_accum=True)
         else:
             out = torch._grouped_mm(act, down.to(x.dtype).transpose(1, 2), offs=offs)
         ctx.weights_again = weights_again
         ctx.use_fp8 = use_fp8
+        ctx.quantized_t = q13_t is not None
+        transposed = (q13_t, s13_t, qd_t, sd_t) if q13_t is not None else ()
         if weights_again is None:
-            ctx.save_for_backward(x, h, offs, gate_up, down)
+            ctx.save_for_backward(x, h, offs, gate_up, down, *transposed)
         else:
-            ctx.save_for_backward(x, h, offs)
+            ctx.save_for_backward(x, h, offs, *transposed)
         return out
 
     @staticmethod
     def backward(ctx, grad):
+        saved = list(ctx.saved_tensors)
+        transposed = [saved.pop() for _ in range(4)][::-1] if ctx.quantized_t else None
         if ctx.weights_again is None:
-            x, h, offs, gate_up, down = ctx.saved_tensors
+            x, h, offs, gate_up, down = saved
         else:
-            x, h, offs = ctx.saved_tensors
+            x, h, offs = saved
             gate_up, down = ctx.weights_again()
         n_experts, _, inter, hidden = gate_up.shape
         w13 = gate_up.to(x.dtype).reshape(n_experts, 2 * inter, hidden)
@@ -440,8 +470,8 @@ class _ExpertFFN(torch.autograd.Function):
         # FP8: the weights are quantised along their output dimension, the one these input-gradient products
         # contract; the weight gradients stay bf16 products.
         if ctx.use_fp8:
-            d_act = fp8.scaled_grouped_mm(*fp8.quantize_rows(grad),
-                                          *fp8.quantize_rows(down.to(x.dtype).transpose(1, 2)), offs, grad.dtype)
+            down_q = transposed[2:] if transposed else fp8.quantize_rows(down.to(x.dtype).transpose(1, 2))
+            d_act = fp8.scaled_grouped_mm(*fp8.quantize_rows(grad), *down_q, offs, grad.dtype)
             d_down = fp8.grouped_weight_grad(grad, act, offs)
         else:
             d_act = torch._grouped_mm(grad, down.to(x.dtype), offs=offs)
@@ -450,14 +480,15 @@ class _ExpertFFN(torch.autograd.Function):
         d_h = KERNELS.swiglu_backward(gate, up, d_act)
         del d_act
         if ctx.use_fp8:
-            d_x = fp8.scaled_grouped_mm(*fp8.quantize_rows(d_h), *fp8.quantize_rows(w13.transpose(1, 2)), offs,
-                                        grad.dtype)
+            w13_q = transposed[:2] if transposed else fp8.quantize_rows(w13.transpose(1, 2))
+            d_x = fp8.scaled_grouped_mm(*fp8.quantize_rows(d_h), *w13_q, offs, grad.dtype)
             d_gate_up = fp8.grouped_weight_grad(d_h, x, offs)
         else:
             d_x = torch._grouped_mm(d_h, w13, offs=offs)
             d_gate_up = torch._grouped_mm(d_h.transpose(0, 1), x, offs=offs)
         # ``weights_again`` rebuilds the forward's tensors, so their dtypes are the inputs' dtypes.
-        return d_x, d_gate_up.view(gate_up.shape).to(gate_up.dtype), d_down.to(down.dtype), None, None, None
+        return (d_x, d_gate_up.view(gate_up.shape).to(gate_up.dtype), d_down.to(down.dtype), None, None, None,
+                *(None,) * 8)
 
 
 def swiglu_backward(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -775,20 +806,32 @@ def compile_blocks(model: Transformer, backend: str = "inductor") -> None:
     Blocks of one kind share their compiled graphs (parameters are graph inputs); a block is one graph, except
     around expert-parallel dispatch, which runs eagerly. Recomputation re-runs the same compiled forward (with
     routing counts paused: a second graph). Each block's ``forward`` is replaced in place; parameter names do not
-    change.
+    change. FP8 weight copies are made or checked eagerly before each call (``fp8.prepare``); the graph reads them.
     """
     import torch._dynamo
 
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     for block in model.model.layers.values():
-        block.forward = torch.compile(block.forward, backend=backend, dynamic=False)
+        block.forward = _prepare_fp8_then(block, torch.compile(block.forward, backend=backend, dynamic=False))
 
 
-def enable_fp8(model: nn.Module) -> list[str]:
+def _prepare_fp8_then(block: nn.Module, compiled):
+    fp8_capable = [m for m in block.modules() if isinstance(m, (Linear, GroupedExperts))]
+
+    @functools.wraps(compiled)
+    def forward(*args, **kwargs):
+        fp8.prepare(fp8_capable)
+        return compiled(*args, **kwargs)
+    return forward
+
+
+def enable_fp8(model: nn.Module, cache_weights: bool = True) -> list[str]:
     """Run the products of the attention and feed-forward projections and of the routed experts in FP8
     (``moonforge.fp8``); returns the names of the modules switched. The LM head, the embedding and the router
     stay in their precision, as do products whose dimensions FP8 cannot take (not multiples of 16). Call before
-    tensor parallelism (FP8 products take whole weights)."""
+    tensor parallelism (FP8 products take whole weights). ``cache_weights``: in training, quantise each weight
+    once per optimizer step (``fp8.cached``; two bytes per switched parameter until ``fp8.release_cached``),
+    not at every use."""
     switched = []
     for name, module in model.named_modules():
         if isinstance(module, Linear) and fp8.supported_shape(*module.weight.shape):
@@ -797,6 +840,7 @@ def enable_fp8(model: nn.Module) -> list[str]:
             module.fp8 = True
         else:
             continue
+        module.fp8_cache_weights = cache_weights
         switched.append(name)
     return switched
 

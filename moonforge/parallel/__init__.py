@@ -12,6 +12,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from moonforge import fp8
 from moonforge.model import MoE, Router, Transformer, compile_blocks as compile_each_block, compile_kernels
 from moonforge.parallel.checkpointing import apply_activation_checkpointing
 from moonforge.parallel.context import apply_context_parallel
@@ -92,8 +93,11 @@ class ParallelModel:
 
     def reduce_gradients(self) -> None:
         """Gradient sums FSDP does not do itself (expert weights over their data-parallel replicas); call after
-        the last backward of a step. Also frees the step's low-precision copies of the expert weights."""
+        the last backward of a step. Also frees the step's low-precision copies of the weights (expert casts,
+        FP8 copies): the optimizer step is about to change the weights."""
         release_weight_casts(self.expert_params)
+        for part in self.parts:
+            fp8.release_cached(part)
         reduce_expert_grads(self.expert_params, self.meshes)
         reduce_replicated_grads(self.replicated_params, self.meshes)
 

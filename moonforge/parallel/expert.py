@@ -103,28 +103,31 @@ class _ParallelExperts:
             (gate_up, gate_up_again), (down, down_again) = (_cast_for_use(self.experts.gate_up_proj, x.dtype),
                                                             _cast_for_use(self.experts.down_proj, x.dtype))
             again = (lambda: (gate_up_again(), down_again())) if gate_up_again is not None else None
+        quantized = self.experts.quantized_weights(
+            gate_up, down, sources=(_local(self.experts.gate_up_proj), _local(self.experts.down_proj))) \
+            if self.experts.fp8 else None
         if self.etp > 1:
             x = all_gather(x, self.etp_group)
             weights = all_gather(weights, self.etp_group)
             indices = _all_gather_no_grad(indices, self.etp_group)
         if self.dispatcher == "allgather":
-            out = self._gather_compute_scatter(x, weights, indices, gate_up, down, again)
+            out = self._gather_compute_scatter(x, weights, indices, gate_up, down, again, quantized)
         else:
-            out = self._sort_and_exchange(x, weights, indices, gate_up, down, again)
+            out = self._sort_and_exchange(x, weights, indices, gate_up, down, again, quantized)
         if self.etp > 1:
             out = reduce_scatter(out, self.etp_group)
         return out
 
-    def _sort_and_exchange(self, x, weights, indices, gate_up, down, again) -> torch.Tensor:
+    def _sort_and_exchange(self, x, weights, indices, gate_up, down, again, quantized) -> torch.Tensor:
         top_k = indices.shape[1]
         order, counts = sort_by_expert(indices, self.n_experts)
         if self.ep > 1:
-            h = self._dispatch_compute_combine(x, order // top_k, counts, gate_up, down, again)
+            h = self._dispatch_compute_combine(x, order // top_k, counts, gate_up, down, again, quantized)
         else:
-            h = expert_ffn(x[order // top_k], gate_up, down, counts, again, fp8=self.experts.fp8)
+            h = expert_ffn(x[order // top_k], gate_up, down, counts, again, fp8=self.experts.fp8, quantized=quantized)
         return KERNELS.combine(h, order, weights)
 
-    def _gather_compute_scatter(self, x, weights, indices, gate_up, down, again) -> torch.Tensor:
+    def _gather_compute_scatter(self, x, weights, indices, gate_up, down, again, quantized) -> torch.Tensor:
         local_experts = self.n_experts // self.ep
         indices = _all_gather_no_grad(indices, self.ep_group)
         top_k = indices.shape[1]
@@ -137,12 +140,13 @@ class _ParallelExperts:
         weights = all_gather(weights, self.ep_group)
         n_local = key.numel() - elsewhere()[0]
         h = expert_ffn(x[order[:n_local] // top_k], gate_up, down, counts[:-1], again,
-                       fp8=self.experts.fp8)
+                       fp8=self.experts.fp8, quantized=quantized)
         h = torch.cat([h, h.new_zeros(key.numel() - n_local, h.shape[1])])
         return reduce_scatter(KERNELS.combine(h, order, weights), self.ep_group)
 
     def _dispatch_compute_combine(self, x: torch.Tensor, rows: torch.Tensor, counts: torch.Tensor,
-                                  gate_up: torch.Tensor, down: torch.Tensor, again=None) -> torch.Tensor:
+                                  gate_up: torch.Tensor, down: torch.Tensor, again=None,
+                                  quantized=None) -> torch.Tensor:
         """Send ``x[rows]`` (sorted by expert, ``counts`` per expert) to the ranks holding their experts, compute,
         and bring the results back in the same order."""
         ep, local_experts = self.ep, self.n_experts // self.ep
@@ -159,7 +163,8 @@ class _ParallelExperts:
         segment_of_row = torch.repeat_interleave((segment % local_experts) * ep + segment // local_experts,
                                                  recv.flatten(), output_size=received.shape[0])
         by_expert = segment_of_row.argsort(stable=True)
-        h = expert_ffn(received[by_expert], gate_up, down, recv.sum(0), again, fp8=self.experts.fp8)
+        h = expert_ffn(received[by_expert], gate_up, down, recv.sum(0), again, fp8=self.experts.fp8,
+                       quantized=quantized)
         h = torch.empty_like(h).index_copy_(0, by_expert, h)
         return all_to_all(h, send_splits, recv_splits, self.ep_group)
 
