@@ -151,8 +151,9 @@ def train_config(args, mdir: Path, out_dir: Path, world: int) -> TrainConfig:
     cfg = {
         "model": str(mdir), "precision": args.precision, "seq_len": args.seq, "micro_batch_size": args.mbs,
         "global_batch_size": gbs, "train_iters": 10**6, "lr": 1e-5, "min_lr": 1e-6, "optimizer": args.optimizer,
-        "activation_checkpointing": args.ac, "ac_layers": args.ac_layers, "compile": args.compile, "compile_blocks": args.compile_blocks,
-        "attention_backend": args.attention, "optimizer_state_dtype": args.state_dtype, "optimizer_offload": args.offload, "data": data,
+        "activation_checkpointing": args.ac, "ac_layers": args.ac_layers, "compile": args.compile,
+        "compile_blocks": args.compile_blocks, "attention_backend": args.attention,
+        "optimizer_state_dtype": args.state_dtype, "optimizer_offload": args.offload, "data": data,
         "parallel": {"ep": args.ep, "etp": args.etp, "tp": args.tp, "pp": args.pp, "sp": args.tp > 1},
         "output_dir": str(out_dir), "save_final": False, "tensorboard": False, "log_interval": 1,
     }

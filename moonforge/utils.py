@@ -20,7 +20,8 @@ def setup_logging(level: int = logging.INFO, rank: int | None = None) -> None:
     """Console logging; on multi-process runs only rank 0 logs at INFO."""
     if rank is None:
         rank = int(os.environ.get("RANK", "0"))
-    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s" if rank == 0 else f"[rank{rank}] %(levelname)s %(name)s: %(message)s"
+    fmt = ("%(asctime)s %(levelname)s %(name)s: %(message)s" if rank == 0
+           else f"[rank{rank}] %(levelname)s %(name)s: %(message)s")
     logging.basicConfig(level=level if rank == 0 else logging.WARNING, format=fmt, datefmt="%H:%M:%S", force=True)
 
 

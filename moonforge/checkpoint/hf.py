@@ -129,7 +129,10 @@ class HFCheckpoint:
 
     def native_dtype(self, name: str) -> torch.dtype:
         source = self._native[name]
-        hf = source[1] if source[0] != "per_expert" else f"{source[1]}.0.{'down_proj' if source[3] == 'down_proj' else 'gate_proj'}.weight"
+        if source[0] != "per_expert":
+            hf = source[1]
+        else:
+            hf = f"{source[1]}.0.{'down_proj' if source[3] == 'down_proj' else 'gate_proj'}.weight"
         return self.tensors[hf].dtype
 
     def check_against(self, expected: dict[str, tuple[int, ...]], ignore_layers_from: int | None = None) -> None:

@@ -66,7 +66,8 @@ def check_helpers() -> None:
     except ImportError as e:
         raise DataError("megatron-core's compiled dataset helpers (megatron/core/datasets/helpers_cpp*.so) are "
                         f"missing ({e}); install the megatron-core==0.16.1 wheel for this platform, or build it "
-                        "from source with a C++ compiler (pip install --no-binary megatron-core megatron-core)") from None
+                        "from source with a C++ compiler (pip install --no-binary megatron-core megatron-core)"
+                        ) from None
 
 
 class PretrainDataset:

@@ -199,7 +199,8 @@ def build_sft_idxmap(inputs: Sequence[str] | str, tokenizer_dir: str | Path, out
 
         # Conversations cost far more per byte than plain text: small chunks keep every worker busy.
         chunks = iter_chunks(files, max_line_bytes, chunk_records=SFT_CHUNK_RECORDS)
-        results = ordered_map(_encode_chunk, chunks, workers, _init_worker, (str(tokenizer_dir), fmt, seq_len, overlong))
+        results = ordered_map(_encode_chunk, chunks, workers, _init_worker,
+                              (str(tokenizer_dir), fmt, seq_len, overlong))
         total = sum(f.stat().st_size for f in files)
         with closing(results), tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="sft data",
                                     disable=not progress, mininterval=1.0) as bar:

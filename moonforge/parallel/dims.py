@@ -22,7 +22,7 @@ class ParallelDims:
     dp: int = 1
     sp: bool = False
     pp0_layers: int | None = None
-    vp_layers: int | None = None  # layers per virtual pipeline stage (Megatron's --num-layers-per-virtual-pipeline-stage)
+    vp_layers: int | None = None  # layers per virtual stage (Megatron's --num-layers-per-virtual-pipeline-stage)
 
     @classmethod
     def for_world(cls, world_size: int, *, tp: int = 1, pp: int = 1, cp: int = 1, ep: int = 1, etp: int = 1,

@@ -42,8 +42,8 @@ def apply_tensor_parallel(part: Transformer, meshes: Meshes) -> None:
         attn = block.self_attn
         layer_plan: dict[str, object] = {
             "input_layernorm": SequenceParallel() if sp else NoParallel(),
-            "self_attn": PrepareModuleInput(input_layouts=(seq, None, None), desired_input_layouts=(Replicate(), None, None),
-                                            use_local_output=True),
+            "self_attn": PrepareModuleInput(input_layouts=(seq, None, None),
+                                            desired_input_layouts=(Replicate(), None, None), use_local_output=True),
             "self_attn.kv_a_proj_with_mqa": NoParallel(),
             "self_attn.kv_a_layernorm": NoParallel(),
             "self_attn.kv_b_proj": ColwiseParallel(),

@@ -183,7 +183,8 @@ class TrainConfig:
                  "activation_checkpointing: full or none, or compile_blocks: false")
         if self.compile_blocks and self.precision not in ("bf16", "fp8"):
             fail("compile_blocks", f"needs bf16 compute (precision bf16 or fp8), got precision {self.precision!r}: "
-                 "the compiled grouped GEMM of the experts takes bf16 only; set compile_blocks: false or precision: bf16")
+                 "the compiled grouped GEMM of the experts takes bf16 only; set compile_blocks: false or "
+                 "precision: bf16")
         if self.precision == "fp8" and self.parallel.tp > 1:
             fail("precision", "fp8 takes whole weights: it does not combine with tensor parallelism "
                  f"(parallel.tp {self.parallel.tp}); use expert parallelism and FSDP (tp 1), or precision: bf16")
