@@ -211,7 +211,7 @@ class Linear(nn.Linear):
         return out if self.bias is None else out + self.bias
 
     def quantized_weights(self) -> tuple[fp8.QuantizedWeight] | None:
-        return fp8.cached(self, (self.weight,), lambda: (fp8.quantize_weight(self.weight),))
+        return fp8.cached(self, (self.weight,), lambda: (fp8.quantize_weight_fast(self.weight),))
 
 
 class MLA(nn.Module):
@@ -405,7 +405,8 @@ def sort_by_expert(indices: torch.Tensor, n_experts: int) -> tuple[torch.Tensor,
 def quantize_expert_weights(gate_up: torch.Tensor, down: torch.Tensor) -> tuple[fp8.QuantizedWeight, ...]:
     """Both expert weights in e4m3 both ways, gate_up [E, 2, I, H] viewed as the product's [E, 2I, H]."""
     n_experts, _, inter, hidden = gate_up.shape
-    return fp8.quantize_weight(gate_up.reshape(n_experts, 2 * inter, hidden)), fp8.quantize_weight(down)
+    return (fp8.quantize_weight_fast(gate_up.reshape(n_experts, 2 * inter, hidden)),
+            fp8.quantize_weight_fast(down))
 
 
 def expert_ffn(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, counts: torch.Tensor,
