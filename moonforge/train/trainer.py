@@ -103,7 +103,10 @@ class Trainer:
         with torch.device("meta"):
             model = Transformer(self.model_config)
         if cfg.precision == "fp8":
-            switched = enable_fp8(model, cache_weights=cfg.fp8_cache_weights)
+            # Cached copies pay off when a step uses each weight more than once: several micro-batches, or a
+            # forward computed again (recomputation); otherwise they would only cost memory.
+            reused = self.grad_accum > 1 or cfg.activation_checkpointing != "none"
+            switched = enable_fp8(model, cache_weights=cfg.fp8_cache_weights and reused)
             logger.info("fp8: %d modules compute their products in FP8 (%s ...)", len(switched),
                         ", ".join(switched[:3]))
         param_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
