@@ -8,10 +8,10 @@ accumulated weight update never sees FP8 rounding, and no activation needs quant
 
 Scales are computed from each row's absolute maximum (current scaling, no amax history), so a product never
 overflows. Activations and output gradients are quantised at every use. A weight ``[out, in]`` is quantised along
-``in`` for the forward and along ``out`` for the input gradient; in training both copies are made once and kept
-while the weight is unchanged (``cached``): weights change only at the optimizer step, so every micro-batch of a
-step, forward and backward, reuses them. The copies cost one byte per parameter each and are dropped before the
-optimizer step (``release_cached``); ``enable_fp8(model, cache_weights=False)`` quantises per use instead.
+``in`` for the forward and along ``out`` for the input gradient, at every use too, or, with
+``enable_fp8(model, cache_weights=True)``, once while it is unchanged (``cached``): weights change only at the
+optimizer step, so every micro-batch of a step, forward and backward, reuses the copies. They cost one byte per
+parameter each and are dropped before the optimizer step (``release_cached``).
 
 ``torch._scaled_mm`` and ``torch._scaled_grouped_mm`` (CUTLASS on sm89+/sm90) do the products on GPUs. Elsewhere
 the same products are formed from the dequantised operands in fp32 (their definition; torch's CPU kernel takes

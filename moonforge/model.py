@@ -826,7 +826,7 @@ def _prepare_fp8_then(block: nn.Module, compiled):
     return forward
 
 
-def enable_fp8(model: nn.Module, cache_weights: bool = True) -> list[str]:
+def enable_fp8(model: nn.Module, cache_weights: bool = False) -> list[str]:
     """Run the products of the attention and feed-forward projections and of the routed experts in FP8
     (``moonforge.fp8``); returns the names of the modules switched. The LM head, the embedding and the router
     stay in their precision, as do products whose dimensions FP8 cannot take (not multiples of 16). Call before

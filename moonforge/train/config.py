@@ -94,7 +94,7 @@ class TrainConfig:
     clip_grad: float = 1.0
     muon: MuonConfig = field(default_factory=MuonConfig)
     precision: str = "bf16"
-    fp8_cache_weights: bool = True         # fp8: quantise weights once per step, not per use (see docs)
+    fp8_cache_weights: bool = False        # fp8: quantise weights once per step, not per use (see docs)
     attention_backend: str = "sdpa"
     activation_checkpointing: str = "none"
     ac_layers: int | None = None           # the seed's MP_AC_LAYERS: blocks per stage to recompute/offload
