@@ -220,7 +220,7 @@ if [ "$MODE" = fp8-cache ]; then  # one GPU (tag GPU_TAG): weights quantised onc
   G=${GPU_TAG:-h200}; L=${FP8_LAYERS:-20}
   COMMON="--layers $L --experts 8 --engine fsdp --mbs 1 --gbs 4 --state-dtype bf16 --compile --compile-blocks --steps 4 \
     --warmup 2 --seq 4096 --ac none"
-  bench host_${L}l_e8_4k_${G}_fp8_cached 1 150 $COMMON --precision fp8
+  bench host_${L}l_e8_4k_${G}_fp8_cached 1 150 $COMMON --precision fp8 --set fp8_cache_weights=true
   bench host_${L}l_e8_4k_${G}_fp8_per_use 1 150 $COMMON --precision fp8 --set fp8_cache_weights=false --no-profile
   bench host_${L}l_e8_4k_${G}_bf16 1 150 $COMMON --no-profile
   if [ "${FP8_6L:-1}" = 1 ]; then  # one micro-batch per step: nothing to reuse, the copies are not cached
