@@ -20,7 +20,7 @@ only one scale per tensor), so the recipe's numerics can be tested anywhere, slo
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable, Iterable, NamedTuple
 
 import torch
 from torch import nn
@@ -166,11 +166,11 @@ def prepare(modules: list[nn.Module]) -> None:
             module.quantized_weights()
 
 
-def release_cached(model: nn.Module) -> None:
-    """Drop every cached quantised weight of ``model``: before the optimizer step changes the weights, and to
-    free their memory (the version check alone could miss a weight rewritten into the same storage by a copy
-    that does not count as an in-place update, such as FSDP's next all-gather)."""
-    for module in model.modules():
+def release_cached(modules: Iterable[nn.Module]) -> None:
+    """Drop the cached quantised weights of ``modules`` (e.g. ``model.modules()``): before the optimizer step
+    changes the weights, and to free their memory (the version check alone could miss a weight rewritten into
+    the same storage by a copy that does not count as an in-place update, such as FSDP's next all-gather)."""
+    for module in modules:
         module.__dict__.pop("_fp8_weights", None)
         module.__dict__.pop("_fp8_key", None)
 

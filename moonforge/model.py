@@ -447,6 +447,7 @@ class _ExpertFFN(torch.autograd.Function):
         ctx.weights_again = weights_again
         ctx.use_fp8 = use_fp8
         ctx.quantized_t = q13_t is not None
+        ctx.weight_meta = (gate_up.shape, gate_up.dtype, down.dtype)
         transposed = (q13_t, s13_t, qd_t, sd_t) if q13_t is not None else ()
         if weights_again is None:
             ctx.save_for_backward(x, h, offs, gate_up, down, *transposed)
@@ -460,11 +461,12 @@ class _ExpertFFN(torch.autograd.Function):
         transposed = [saved.pop() for _ in range(4)][::-1] if ctx.quantized_t else None
         if ctx.weights_again is None:
             x, h, offs, gate_up, down = saved
-        else:
+        else:  # the products need no weights when their FP8 copies are at hand
             x, h, offs = saved
-            gate_up, down = ctx.weights_again()
-        n_experts, _, inter, hidden = gate_up.shape
-        w13 = gate_up.to(x.dtype).reshape(n_experts, 2 * inter, hidden)
+            gate_up, down = ctx.weights_again() if transposed is None else (None, None)
+        gate_up_shape, gate_up_dtype, down_dtype = ctx.weight_meta
+        n_experts, _, inter, hidden = gate_up_shape
+        w13 = None if transposed else gate_up.to(x.dtype).reshape(n_experts, 2 * inter, hidden)
         gate, up = h.split(inter, dim=-1)
         act = KERNELS.swiglu(gate, up)
         grad = grad.contiguous()
@@ -487,8 +489,7 @@ class _ExpertFFN(torch.autograd.Function):
         else:
             d_x = torch._grouped_mm(d_h, w13, offs=offs)
             d_gate_up = torch._grouped_mm(d_h.transpose(0, 1), x, offs=offs)
-        # ``weights_again`` rebuilds the forward's tensors, so their dtypes are the inputs' dtypes.
-        return (d_x, d_gate_up.view(gate_up.shape).to(gate_up.dtype), d_down.to(down.dtype), None, None, None,
+        return (d_x, d_gate_up.view(gate_up_shape).to(gate_up_dtype), d_down.to(down_dtype), None, None, None,
                 *(None,) * 8)
 
 

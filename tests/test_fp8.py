@@ -232,7 +232,7 @@ def test_weights_cached_per_step_give_exactly_the_per_use_products_and_are_made_
         model.model.layers["0"].self_attn.o_proj.weight.mul_(2)
     _two_micro_batches(model, ids[:1])
     assert len(calls) == 1
-    fp8.release_cached(model)
+    fp8.release_cached(model.modules())
     assert not any("_fp8_weights" in m.__dict__ for m in model.modules())
     with torch.no_grad():  # inference quantises per use and caches nothing
         model(ids[:1])
@@ -253,7 +253,7 @@ def test_compiled_blocks_read_the_cached_weights_of_the_current_step():
         steps = []
         for _ in range(2):
             steps.append(_two_micro_batches(model, ids))
-            fp8.release_cached(model)
+            fp8.release_cached(model.modules())
             with torch.no_grad():
                 for p in model.parameters():
                     p.mul_(0.5)  # a stale FP8 copy would be twice too large: far beyond the noise below

@@ -38,6 +38,7 @@ class ParallelModel:
     meshes: Meshes
     expert_params: list[nn.Parameter] = field(default_factory=list)
     fsdp_modules: list = field(default_factory=list)
+    fp8_modules: list[nn.Module] = field(default_factory=list)  # those that may cache FP8 weight copies
 
     @property
     def num_stages(self) -> int:
@@ -96,8 +97,7 @@ class ParallelModel:
         the last backward of a step. Also frees the step's low-precision copies of the weights (expert casts,
         FP8 copies): the optimizer step is about to change the weights."""
         release_weight_casts(self.expert_params)
-        for part in self.parts:
-            fp8.release_cached(part)
+        fp8.release_cached(self.fp8_modules)
         reduce_expert_grads(self.expert_params, self.meshes)
         reduce_replicated_grads(self.replicated_params, self.meshes)
 
@@ -121,6 +121,7 @@ def parallelize(model: Transformer, meshes: Meshes, *, param_dtype: torch.dtype 
     else:
         parts, stage_ids = [model], [0]
     pm = ParallelModel(parts=parts, stage_ids=stage_ids, meshes=meshes)
+    pm.fp8_modules = [m for part in parts for m in part.modules() if getattr(m, "fp8_cache_weights", False)]
     sequence_split = dims.cp > 1 or dims.tp > 1
     for part in parts:
         part.attn_backend = attention_backend
