@@ -364,12 +364,14 @@ KERNEL_CLASSES = (  # (class, substrings of the kernel name), first match wins
 _TRITON_ELEMENTWISE = ("triton_poi_", "triton_red_", "triton_per_")
 
 
-def kernel_classes(prof) -> dict:
+def kernel_classes(prof, top: int = 120) -> tuple[dict, list]:
     """GPU time (ms) of one profiled step by kind of kernel, from the kernels' own names (no operator
-    attribution): what the GPU itself spends its time on, whatever launched it."""
+    attribution): what the GPU itself spends its time on, whatever launched it. Also the ``top`` kernels
+    themselves: [name (cut to 160 characters), launches, ms, class]."""
     from torch.autograd import DeviceType
 
     totals: dict[str, float] = {}
+    kernels: dict[str, list] = {}
     for evt in prof.events():
         if evt.device_type != DeviceType.CUDA or _is_annotation(evt):
             continue
@@ -379,8 +381,14 @@ def kernel_classes(prof) -> dict:
             kind = "triton_fused"
         else:
             kind = next((k for k, keys in KERNEL_CLASSES if any(x.lower() in low for x in keys)), "other")
-        totals[kind] = totals.get(kind, 0.0) + (evt.time_range.end - evt.time_range.start) / 1000
-    return {k: round(v, 2) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
+        ms = (evt.time_range.end - evt.time_range.start) / 1000
+        totals[kind] = totals.get(kind, 0.0) + ms
+        row = kernels.setdefault(name, [name[:160], 0, 0.0, kind])
+        row[1] += 1
+        row[2] += ms
+    table = sorted(kernels.values(), key=lambda r: -r[2])[:top]
+    return ({k: round(v, 2) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])},
+            [[name, count, round(ms, 3), kind] for name, count, ms, kind in table])
 
 
 _ANNOTATION_PREFIXES = ("## ", "mf.", "Optimizer.", "FSDP::", "ProfilerStep", "CheckpointFunction")
@@ -529,7 +537,7 @@ def run_moonforge(args, cfg: TrainConfig) -> dict:
         trainer.train_step(micro)
     sync()
     back_to_back = (time.perf_counter() - t0) / args.steps
-    split = top_kernels = top_ops_by_shape = ranks = kernels_by_class = None
+    split = top_kernels = top_ops_by_shape = ranks = kernels_by_class = kernel_table = None
     world = trainer.world
     if not args.no_profile:
         micro = [loader.next_batch() for _ in range(trainer.grad_accum)]
@@ -548,7 +556,8 @@ def run_moonforge(args, cfg: TrainConfig) -> dict:
                             for e in sorted(prof.key_averages(group_by_input_shape=True),
                                             key=lambda e: -e.self_device_time_total)[:30]]
         ranks = device_activity(prof, wall_ms)
-        kernels_by_class = kernel_classes(prof) if device.type == "cuda" else None
+        if device.type == "cuda":
+            kernels_by_class, kernel_table = kernel_classes(prof)
         if world > 1:  # every rank's view: a rank that waits for its peer shows long NCCL kernels and no idle time
             gathered = [None] * world
             dist.all_gather_object(gathered, ranks)
@@ -572,7 +581,7 @@ def run_moonforge(args, cfg: TrainConfig) -> dict:
         MEASURED_MATMUL_TFLOPS, "peak_memory_gib": peak_memory_gib(device),
         "losses": losses, "flops_per_token": flops, "time_split_ms": split, "top_kernels_ms": top_kernels,
         "top_ops_by_shape_ms": top_ops_by_shape,
-        "kernel_classes_ms": kernels_by_class, "profiled_step_by_rank": ranks,
+        "kernel_classes_ms": kernels_by_class, "kernels_ms": kernel_table, "profiled_step_by_rank": ranks,
         "back_to_back": {"step_time_s_mean": back_to_back, "tokens_per_s_per_gpu": tokens / back_to_back / world,
                          "tflops_per_gpu": tokens / back_to_back / world * flops / 1e12},
         "optimizer_step_s_median": sorted(optimizer_times)[len(optimizer_times) // 2],
