@@ -371,7 +371,7 @@ class GroupedExperts(nn.Module):
         """x [T, H], weights/indices [T, k] -> sum over the k chosen experts of weight * expert(x): [T, H]."""
         n_tokens, top_k = indices.shape
         order, counts = sort_by_expert(indices, self.gate_up_proj.shape[0])
-        h = expert_ffn(x[order // top_k], self.gate_up_proj, self.down_proj, counts, fp8=self.fp8,
+        h = expert_ffn(expert_rows(x, order, top_k), self.gate_up_proj, self.down_proj, counts, fp8=self.fp8,
                        quantized=self.quantized_weights() if self.fp8 else None)
         return KERNELS.combine(h, order, weights)
 
@@ -512,12 +512,58 @@ def upcast(x: torch.Tensor) -> torch.Tensor:
     return x.float()
 
 
+def inverse_order(order: torch.Tensor) -> torch.Tensor:
+    """The permutation that undoes ``order``: ``inverse[order[i]] == i``."""
+    return torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+
+
+def expert_rows(x: torch.Tensor, order: torch.Tensor, top_k: int) -> torch.Tensor:
+    """``x[order // top_k]``: each token's row once per chosen expert, in expert order (``order`` from
+    ``sort_by_expert``). Its backward sums each token's k row gradients by gathering them, in fp32: one fused
+    pass without atomics, so deterministic."""
+    return _ExpertRows.apply(x, order, top_k)
+
+
+class _ExpertRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, order, top_k):
+        ctx.save_for_backward(order)
+        ctx.top_k = top_k
+        return x[order // top_k]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (order,) = ctx.saved_tensors
+        n_tokens = order.numel() // ctx.top_k
+        rows = grad[inverse_order(order)].view(n_tokens, ctx.top_k, -1)
+        return rows.float().sum(dim=1).to(grad.dtype), None, None
+
+
 def combine(h: torch.Tensor, order: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Weighted sum over each token's k expert outputs; h [T*k, H] in expert order. Deterministic (no atomics)."""
-    n_tokens, top_k = weights.shape
-    unsorted = torch.empty_like(h).index_copy_(0, order, h)
-    out = (unsorted.view(n_tokens, top_k, -1).float() * weights[..., None]).sum(dim=1)
-    return out.to(h.dtype)
+    """Weighted sum over each token's k expert outputs; h [T*k, H] in expert order. Deterministic (no atomics).
+
+    The rows are gathered back into token order inside the weighted sum, never written out in that order: with
+    torch.compile the forward and each of the two gradients are one fused pass over ``h``."""
+    return _Combine.apply(h, order, weights)
+
+
+class _Combine(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, order, weights):
+        ctx.save_for_backward(h, order, weights)
+        n_tokens, top_k = weights.shape
+        unsorted = h[inverse_order(order)].view(n_tokens, top_k, -1)
+        return (unsorted.float() * weights[..., None]).sum(dim=1).to(h.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, order, weights = ctx.saved_tensors
+        n_tokens, top_k = weights.shape
+        grad = grad.float()
+        d_h = (grad[order // top_k] * weights.flatten()[order, None]).to(h.dtype)
+        unsorted = h[inverse_order(order)].view(n_tokens, top_k, -1)
+        d_weights = (unsorted.float() * grad[:, None]).sum(dim=-1).to(weights.dtype)
+        return d_h, None, d_weights
 
 
 class MoE(nn.Module):

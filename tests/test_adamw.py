@@ -30,6 +30,8 @@ def test_adamw_matches_torch(device, compile, state_dtype):
         for p, r, gr in zip(ours, ref, grads[step]):
             p.grad = gr.to(device)
             r.grad = gr.double() * coef  # torch clips the gradient; ours folds the coefficient into the update
+        if step == 1:  # arguments assembled ahead (as the trainer does): the rate and coefficient set later count
+            opt.prepare()
         for group in opt.param_groups + torch_opt.param_groups:
             group["lr"] = lr
         opt.clip_coef.fill_(coef)
@@ -39,6 +41,24 @@ def test_adamw_matches_torch(device, compile, state_dtype):
         for p, r in zip(ours, ref):
             torch.testing.assert_close(p.detach().cpu().double(), r.detach(), **tol)
         assert all(float(opt.state[p]["step"]) == step + 1 for p in ours)
+
+
+def test_prepared_arguments_dropped_with_the_gradients():
+    """A step prepared and then abandoned (a skipped step) leaves nothing behind: after zero_grad, the next step
+    uses the new gradients, not views of the old ones."""
+    start = torch.randn(4, 3)
+    ours = torch.nn.Parameter(start.clone())
+    ref = torch.nn.Parameter(start.clone())
+    opt, ref_opt = (AdamW([q], lr=1e-2, compile=False) for q in (ours, ref))
+    ours.grad = torch.full((4, 3), float("nan"))
+    opt.prepare()
+    opt.zero_grad()
+    assert opt._prepared is None and ours.grad is None
+    grad = torch.randn(4, 3)
+    ours.grad, ref.grad = grad.clone(), grad.clone()
+    opt.step()
+    ref_opt.step()
+    assert torch.equal(ours.detach(), ref.detach()) and torch.isfinite(ours).all()
 
 
 def test_compiled_chunks_cover_every_parameter():

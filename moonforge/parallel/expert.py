@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-from moonforge.model import KERNELS, GroupedExperts, MoE, expert_ffn, sort_by_expert
+from moonforge.model import KERNELS, GroupedExperts, MoE, expert_ffn, expert_rows, sort_by_expert
 from moonforge.parallel.comm import all_gather, all_reduce_in_place, all_to_all, host_values_later, reduce_scatter
 from moonforge.parallel.mesh import Meshes
 
@@ -122,9 +122,10 @@ class _ParallelExperts:
         top_k = indices.shape[1]
         order, counts = sort_by_expert(indices, self.n_experts)
         if self.ep > 1:
-            h = self._dispatch_compute_combine(x, order // top_k, counts, gate_up, down, again, quantized)
+            h = self._dispatch_compute_combine(x, order, top_k, counts, gate_up, down, again, quantized)
         else:
-            h = expert_ffn(x[order // top_k], gate_up, down, counts, again, fp8=self.experts.fp8, quantized=quantized)
+            h = expert_ffn(expert_rows(x, order, top_k), gate_up, down, counts, again, fp8=self.experts.fp8,
+                           quantized=quantized)
         return KERNELS.combine(h, order, weights)
 
     def _gather_compute_scatter(self, x, weights, indices, gate_up, down, again, quantized) -> torch.Tensor:
@@ -144,18 +145,18 @@ class _ParallelExperts:
         h = torch.cat([h, h.new_zeros(key.numel() - n_local, h.shape[1])])
         return reduce_scatter(KERNELS.combine(h, order, weights), self.ep_group)
 
-    def _dispatch_compute_combine(self, x: torch.Tensor, rows: torch.Tensor, counts: torch.Tensor,
+    def _dispatch_compute_combine(self, x: torch.Tensor, order: torch.Tensor, top_k: int, counts: torch.Tensor,
                                   gate_up: torch.Tensor, down: torch.Tensor, again=None,
                                   quantized=None) -> torch.Tensor:
-        """Send ``x[rows]`` (sorted by expert, ``counts`` per expert) to the ranks holding their experts, compute,
-        and bring the results back in the same order."""
+        """Send ``x[order // top_k]`` (sorted by expert, ``counts`` per expert) to the ranks holding their experts,
+        compute, and bring the results back in the same order."""
         ep, local_experts = self.ep, self.n_experts // self.ep
         send = counts.view(ep, local_experts)                  # rows for each destination rank, per its expert
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send, group=self.ep_group)  # recv[src, e]: rows from src for local expert e
         # One host synchronisation per layer for the split sizes; the GPU gathers the rows meanwhile.
         splits = host_values_later(torch.stack([send.sum(1), recv.sum(1)]))
-        routed = x[rows]
+        routed = expert_rows(x, order, top_k)
         send_splits, recv_splits = splits()
         received = all_to_all(routed, recv_splits, send_splits, self.ep_group)
         # Received rows are ordered (source rank, expert); the grouped GEMM wants (expert, source rank).

@@ -24,6 +24,7 @@ class AdamW(torch.optim.Optimizer):
         device = next(p.device for g in self.param_groups for p in g["params"])
         # Gradient clipping coefficient, applied inside the update (set by the trainer before step()).
         self.clip_coef = torch.ones((), dtype=torch.float32, device=device)
+        self._prepared: list[tuple] | None = None
 
     def _init_state(self, p: torch.Tensor) -> dict:
         state = self.state[p]
@@ -37,38 +38,59 @@ class AdamW(torch.optim.Optimizer):
         # torch casts loaded state to the parameter's dtype; bf16 moments must stay bf16 (memory, and the same
         # rounding as a run that was never interrupted).
         super().load_state_dict(state_dict)
+        self._prepared = None  # refers to the replaced state
         for state in self.state.values():
             for key in ("exp_avg", "exp_avg_sq"):
                 if key in state and state[key].dtype != self.state_dtype:
                     state[key] = state[key].to(self.state_dtype)
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def prepare(self) -> None:
+        """Assemble this step's arguments now, host work alone. The trainer calls it before the step's host
+        synchronisation, so the host does this while the device still runs the backward instead of after the
+        device has drained (on one H100, 20 layers: about 6 ms per step without a kernel). ``step`` uses them;
+        ``zero_grad`` drops them."""
+        self._prepared = self._arguments()
+
+    def _arguments(self) -> list[tuple]:
+        work = []
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
             by_device: dict[torch.device, list[torch.Tensor]] = {}
             for p in group["params"]:
                 if p.grad is not None:
                     by_device.setdefault(_local(p).device, []).append(p)
             for device, params in by_device.items():
                 states = [self._init_state(p) for p in params]
-                steps = [s["step"] for s in states]
-                torch._foreach_add_(steps, 1)
-                # Filled on the device once per group, not copied from the host for every parameter.
-                lr = torch.full((), group["lr"], dtype=torch.float32, device=device)
-                args = (_flat(params), _flat([s["exp_avg"] for s in states]), _flat([s["exp_avg_sq"] for s in states]),
-                        _flat([p.grad for p in params]), steps, self.clip_coef.to(device), lr, beta1, beta2,
-                        group["eps"], group["weight_decay"])
-                compiled = self.compile or (self.compile is None and device.type == "cuda")
-                for start in range(0, len(params), CHUNK):
-                    chunk = [a[start:start + CHUNK] if isinstance(a, list) else a for a in args]
-                    if compiled:
-                        # Without duck shaping, equal sizes in different parameters do not become one symbol, so
-                        # chunks whose parameters happen to coincide in size differently share the graph too.
-                        with torch.fx.experimental._config.patch(use_duck_shape=False):
-                            _compiled_update_many()(*chunk)
-                    else:
-                        _update_many(*chunk)
+                tensors = (_flat(params), _flat([s["exp_avg"] for s in states]),
+                           _flat([s["exp_avg_sq"] for s in states]), _flat([p.grad for p in params]))
+                work.append((group, device, [s["step"] for s in states], tensors))
+        return work
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._prepared = None  # holds views of the gradients
+        super().zero_grad(set_to_none)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        work = getattr(self, "_prepared", None) or self._arguments()
+        self._prepared = None
+        for group, device, steps, tensors in work:
+            beta1, beta2 = group["betas"]
+            torch._foreach_add_(steps, 1)
+            # Filled on the device once per group, not copied from the host for every parameter.
+            lr = torch.full((), group["lr"], dtype=torch.float32, device=device)
+            args = (*tensors, steps, self.clip_coef.to(device), lr, beta1, beta2, group["eps"],
+                    group["weight_decay"])
+            compiled = self.compile or (self.compile is None and device.type == "cuda")
+            for start in range(0, len(steps), CHUNK):
+                chunk = [a[start:start + CHUNK] if isinstance(a, list) else a for a in args]
+                if compiled:
+                    # Without duck shaping, equal sizes in different parameters do not become one symbol, so
+                    # chunks whose parameters happen to coincide in size differently share the graph too.
+                    with torch.fx.experimental._config.patch(use_duck_shape=False):
+                        _compiled_update_many()(*chunk)
+                else:
+                    _update_many(*chunk)
         return None
 
 

@@ -268,6 +268,8 @@ class Trainer:
             loss_sum += self._pipeline_forward_backward(micro_batches)
         pm.reduce_gradients()
         grad_norm = self._clip_gradients()
+        if hasattr(self.optimizer, "prepare"):
+            self.optimizer.prepare()  # its host work, while the device still runs the backward
         routers = pm.routers()
         counts = collect_expert_counts(routers, group=self.meshes.stage.get_group() if self.world > 1 else None)
         load = self._expert_load(counts)
