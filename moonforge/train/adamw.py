@@ -72,7 +72,7 @@ class AdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        work = getattr(self, "_prepared", None) or self._arguments()
+        work = self._prepared or self._arguments()
         self._prepared = None
         for group, device, steps, tensors in work:
             beta1, beta2 = group["betas"]
