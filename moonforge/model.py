@@ -550,18 +550,19 @@ def combine(h: torch.Tensor, order: torch.Tensor, weights: torch.Tensor) -> torc
 class _Combine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, order, weights):
-        ctx.save_for_backward(h, order, weights)
+        inverse = inverse_order(order)
+        ctx.save_for_backward(h, order, inverse, weights)
         n_tokens, top_k = weights.shape
-        unsorted = h[inverse_order(order)].view(n_tokens, top_k, -1)
+        unsorted = h[inverse].view(n_tokens, top_k, -1)
         return (unsorted.float() * weights[..., None]).sum(dim=1).to(h.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        h, order, weights = ctx.saved_tensors
+        h, order, inverse, weights = ctx.saved_tensors
         n_tokens, top_k = weights.shape
         grad = grad.float()
         d_h = (grad[order // top_k] * weights.flatten()[order, None]).to(h.dtype)
-        unsorted = h[inverse_order(order)].view(n_tokens, top_k, -1)
+        unsorted = h[inverse].view(n_tokens, top_k, -1)
         d_weights = (unsorted.float() * grad[:, None]).sum(dim=-1).to(weights.dtype)
         return d_h, None, d_weights
 

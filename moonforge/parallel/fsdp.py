@@ -33,25 +33,23 @@ def apply_fsdp(part: Transformer, meshes: Meshes, *, param_dtype: torch.dtype, r
     dense_mesh = meshes.dp_cp_replicate if replicate else meshes.dp_cp
     stage_mesh = meshes.stage_replicate if replicate else meshes.stage
     ignored_params = set(ignored_params) | set(router_params(part))
-    wrapped, meshes_of = [], []
+    wrapped = []
+
+    def shard(modules, mesh, **kwargs) -> None:
+        wrapped.append(fully_shard(modules, mesh=mesh, ignored_params=ignored_params, **kwargs))
+        if mesh.size() > 1:  # over one rank FSDP's default sums as it is; a factor, even 1, costs a pass
+            _sum_gradients(wrapped[-1])
+
     part.offloaded_blocks = list(part.model.layers.values())[:offload_blocks]
     for i, block in enumerate(part.model.layers.values()):
         offload: OffloadPolicy = CPUOffloadPolicy() if i < offload_blocks else OffloadPolicy()
         if isinstance(block.mlp, MoE) and meshes.dims.tp > 1:
             moe = block.mlp
             moe_modules = [m for m in (moe.shared_experts, moe.experts) if m is not None]
-            wrapped.append(fully_shard(moe_modules, mesh=stage_mesh, mp_policy=moe_mp, offload_policy=offload,
-                                       reshard_after_forward=reshard_after_forward, ignored_params=ignored_params))
-            meshes_of.append(stage_mesh)
-        wrapped.append(fully_shard(block, mesh=dense_mesh, mp_policy=mp, offload_policy=offload,
-                                   reshard_after_forward=reshard_after_forward, ignored_params=ignored_params))
-        meshes_of.append(dense_mesh)
-    wrapped.append(fully_shard(part, mesh=dense_mesh, mp_policy=mp, reshard_after_forward=False,
-                               ignored_params=ignored_params))
-    meshes_of.append(dense_mesh)
-    for module, mesh in zip(wrapped, meshes_of):
-        if mesh.size() > 1:  # over one rank FSDP's default sums as it is; a factor, even 1, costs a pass
-            _sum_gradients(module)
+            shard(moe_modules, stage_mesh, mp_policy=moe_mp, offload_policy=offload,
+                  reshard_after_forward=reshard_after_forward)
+        shard(block, dense_mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=reshard_after_forward)
+    shard(part, dense_mesh, mp_policy=mp, reshard_after_forward=False)
     for module in wrapped[:-1]:
         state_module(module).configured_reshard_after_forward = reshard_after_forward
     state_module(wrapped[-1]).configured_reshard_after_forward = False
