@@ -410,17 +410,22 @@ def quantize_expert_weights(gate_up: torch.Tensor, down: torch.Tensor) -> tuple[
 
 
 def expert_ffn(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, counts: torch.Tensor,
-               weights_again=None, fp8: bool = False, quantized=None) -> torch.Tensor:
+               weights_again=None, fp8: bool = False, quantized=None, rows_again=None) -> torch.Tensor:
     """SwiGLU of rows grouped by expert: x [N, H] sorted by expert, counts [E] rows per expert.
 
     The backward rebuilds the SwiGLU output from the saved gate/up projections instead of keeping it (an [N, I]
     activation per MoE layer less). ``weights_again``, when given, is called in the backward to rebuild the
     compute-dtype (gate_up, down) instead of keeping the forward's copies alive until then. ``fp8``: the
     forward and input-gradient products in rowwise-scaled FP8 (see ``moonforge.fp8``), with ``quantized``, when
-    given, the weights' FP8 copies (``quantize_expert_weights``) instead of quantising them here.
+    given, the weights' FP8 copies (``quantize_expert_weights``) instead of quantising them here. ``rows_again``,
+    when given, is called in the backward to rebuild ``x`` (gathering it again from the tokens) instead of
+    keeping it.
+
+    Rows after the last expert's (``counts`` summing to less than N) are not computed: the output's rows there
+    are left as the grouped GEMM leaves them (unwritten), and so are the input gradient's.
     """
     flat = (None,) * 8 if quantized is None else (*quantized[0], *quantized[1])
-    return _ExpertFFN.apply(x, gate_up, down, counts, weights_again, fp8, *flat)
+    return _ExpertFFN.apply(x, gate_up, down, counts, weights_again, rows_again, fp8, *flat)
 
 
 class _ExpertFFN(torch.autograd.Function):
@@ -428,7 +433,8 @@ class _ExpertFFN(torch.autograd.Function):
     ``torch._grouped_mm``."""
 
     @staticmethod
-    def forward(ctx, x, gate_up, down, counts, weights_again, use_fp8, q13, s13, q13_t, s13_t, qd, sd, qd_t, sd_t):
+    def forward(ctx, x, gate_up, down, counts, weights_again, rows_again, use_fp8, q13, s13, q13_t, s13_t, qd, sd,
+                qd_t, sd_t):
         n_experts, _, inter, hidden = gate_up.shape
         offs = counts.cumsum(0).to(torch.int32)
         w13 = gate_up.to(x.dtype).reshape(n_experts, 2 * inter, hidden)
@@ -444,21 +450,24 @@ class _ExpertFFN(torch.autograd.Function):
             out = fp8.scaled_grouped_mm(*fp8.quantize_rows(act), *down_q, offs, x.dtype, fast_accum=True)
         else:
             out = torch._grouped_mm(act, down.to(x.dtype).transpose(1, 2), offs=offs)
-        ctx.weights_again = weights_again
+        ctx.weights_again, ctx.rows_again = weights_again, rows_again
         ctx.use_fp8 = use_fp8
         ctx.quantized_t = q13_t is not None
         ctx.weight_meta = (gate_up.shape, gate_up.dtype, down.dtype)
         transposed = (q13_t, s13_t, qd_t, sd_t) if q13_t is not None else ()
+        kept_x = (x,) if rows_again is None else ()
         if weights_again is None:
-            ctx.save_for_backward(x, h, offs, gate_up, down, *transposed)
+            ctx.save_for_backward(*kept_x, h, offs, gate_up, down, *transposed)
         else:
-            ctx.save_for_backward(x, h, offs, *transposed)
+            ctx.save_for_backward(*kept_x, h, offs, *transposed)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         saved = list(ctx.saved_tensors)
         transposed = [saved.pop() for _ in range(4)][::-1] if ctx.quantized_t else None
+        if ctx.rows_again is not None:
+            saved.insert(0, ctx.rows_again())
         if ctx.weights_again is None:
             x, h, offs, gate_up, down = saved
         else:  # the products need no weights when their FP8 copies are at hand
@@ -489,7 +498,7 @@ class _ExpertFFN(torch.autograd.Function):
         else:
             d_x = torch._grouped_mm(d_h, w13, offs=offs)
             d_gate_up = torch._grouped_mm(d_h.transpose(0, 1), x, offs=offs)
-        return (d_x, d_gate_up.view(gate_up_shape).to(gate_up_dtype), d_down.to(down_dtype), None, None, None,
+        return (d_x, d_gate_up.view(gate_up_shape).to(gate_up_dtype), d_down.to(down_dtype), None, None, None, None,
                 *(None,) * 8)
 
 
@@ -517,54 +526,77 @@ def inverse_order(order: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
 
 
-def expert_rows(x: torch.Tensor, order: torch.Tensor, top_k: int) -> torch.Tensor:
+def expert_rows(x: torch.Tensor, order: torch.Tensor, top_k: int, routed: torch.Tensor | None = None) -> torch.Tensor:
     """``x[order // top_k]``: each token's row once per chosen expert, in expert order (``order`` from
     ``sort_by_expert``). Its backward sums each token's k row gradients by gathering them, in fp32: one fused
-    pass without atomics, so deterministic."""
-    return _ExpertRows.apply(x, order, top_k)
+    pass without atomics, so deterministic.
+
+    ``routed`` (a 0-d tensor, left on the device): only the first ``routed`` rows go through experts; the
+    gradients of the rows after them are ignored, whatever they hold (see ``combine``)."""
+    return _ExpertRows.apply(x, order, top_k, routed)
 
 
 class _ExpertRows(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, order, top_k):
-        ctx.save_for_backward(order)
+    def forward(ctx, x, order, top_k, routed):
+        ctx.save_for_backward(order, routed)
         ctx.top_k = top_k
         return x[order // top_k]
 
     @staticmethod
     def backward(ctx, grad):
-        (order,) = ctx.saved_tensors
-        n_tokens = order.numel() // ctx.top_k
-        rows = grad[inverse_order(order)].view(n_tokens, ctx.top_k, -1)
-        return rows.float().sum(dim=1).to(grad.dtype), None, None
+        order, routed = ctx.saved_tensors
+        return KERNELS.sum_token_rows(grad, inverse_order(order), ctx.top_k, routed), None, None, None
 
 
-def combine(h: torch.Tensor, order: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def sum_token_rows(rows: torch.Tensor, inverse: torch.Tensor, top_k: int,
+                   routed: torch.Tensor | None = None) -> torch.Tensor:
+    """Each token's k rows of ``rows`` (in expert order; ``inverse`` from ``inverse_order``) summed in fp32, rows
+    from position ``routed`` on counted as zeros."""
+    gathered = rows[inverse].float()
+    if routed is not None:
+        gathered = torch.where((inverse < routed)[:, None], gathered, 0.0)
+    return gathered.view(inverse.numel() // top_k, top_k, -1).sum(dim=1).to(rows.dtype)
+
+
+def combine(h: torch.Tensor, order: torch.Tensor, weights: torch.Tensor,
+            routed: torch.Tensor | None = None) -> torch.Tensor:
     """Weighted sum over each token's k expert outputs; h [T*k, H] in expert order. Deterministic (no atomics).
 
     The rows are gathered back into token order inside the weighted sum, never written out in that order: with
-    torch.compile the forward and each of the two gradients are one fused pass over ``h``."""
-    return _Combine.apply(h, order, weights)
+    torch.compile the forward and each of the two gradients are one fused pass over ``h``.
+
+    ``routed`` (a 0-d tensor, left on the device): only the first ``routed`` rows of ``h`` are expert outputs;
+    the slots sorted after them contribute zero, and their weights get zero gradient, whatever those rows hold.
+    Static shapes with no host synchronisation: a grouped GEMM whose offsets end at ``routed`` leaves the rows
+    after it unwritten."""
+    return _Combine.apply(h, order, weights, routed)
 
 
 class _Combine(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, order, weights):
+    def forward(ctx, h, order, weights, routed):
         inverse = inverse_order(order)
-        ctx.save_for_backward(h, order, inverse, weights)
-        n_tokens, top_k = weights.shape
-        unsorted = h[inverse].view(n_tokens, top_k, -1)
-        return (unsorted.float() * weights[..., None]).sum(dim=1).to(h.dtype)
+        ctx.save_for_backward(h, order, inverse, weights, routed)
+        return (_token_slots(h, inverse, weights.shape, routed) * weights[..., None]).sum(dim=1).to(h.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        h, order, inverse, weights = ctx.saved_tensors
-        n_tokens, top_k = weights.shape
+        h, order, inverse, weights, routed = ctx.saved_tensors
+        top_k = weights.shape[1]
         grad = grad.float()
         d_h = (grad[order // top_k] * weights.flatten()[order, None]).to(h.dtype)
-        unsorted = h[inverse].view(n_tokens, top_k, -1)
-        d_weights = (unsorted.float() * grad[:, None]).sum(dim=-1).to(weights.dtype)
-        return d_h, None, d_weights
+        unsorted = _token_slots(h, inverse, weights.shape, routed)
+        d_weights = (unsorted * grad[:, None]).sum(dim=-1).to(weights.dtype)
+        return d_h, None, d_weights, None
+
+
+def _token_slots(h: torch.Tensor, inverse: torch.Tensor, shape, routed: torch.Tensor | None) -> torch.Tensor:
+    """``h``'s rows in (token, slot) order as fp32 [T, k, H], rows from position ``routed`` on as zeros."""
+    unsorted = h[inverse].float()
+    if routed is not None:
+        unsorted = torch.where((inverse < routed)[:, None], unsorted, 0.0)
+    return unsorted.view(*shape, -1)
 
 
 class MoE(nn.Module):
@@ -835,6 +867,7 @@ class _Kernels:
     def reset(self) -> None:
         self.rms_norm, self.swiglu, self.apply_rope, self.combine = rms_norm, swiglu, apply_rope, combine
         self.accumulate, self.upcast, self.swiglu_backward = accumulate, upcast, swiglu_backward
+        self.sum_token_rows = sum_token_rows
 
 
 KERNELS = _Kernels()
@@ -843,7 +876,8 @@ KERNELS = _Kernels()
 def compile_kernels() -> None:
     """Fuse the element-wise islands (norms, RoPE, SwiGLU, the weighted expert combine, mixed-precision gradient
     accumulation) with torch.compile."""
-    for name in ("rms_norm", "swiglu", "apply_rope", "combine", "accumulate", "upcast", "swiglu_backward"):
+    for name in ("rms_norm", "swiglu", "apply_rope", "combine", "accumulate", "upcast", "swiglu_backward",
+                 "sum_token_rows"):
         setattr(KERNELS, name, torch.compile(globals()[name]))  # shapes that vary become dynamic
 
 

@@ -11,6 +11,8 @@ from moonforge.model import (IGNORE_INDEX, MoE, Router, build_model, cross_entro
                              seq_aux_loss)
 from moonforge.train.balance import apply_expert_bias, collect_expert_counts
 
+CUDA = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+
 
 def test_every_parameter_gets_a_gradient():
     config = preset("tiny")
@@ -209,3 +211,101 @@ def test_expert_rows_and_combine_match_the_scattering_formulation(compiled):
     assert torch.equal(out, ref_out)
     torch.testing.assert_close(dx.float(), ref_dx.float(), rtol=1e-2, atol=1e-2)  # k bf16 terms: summed in fp32
     torch.testing.assert_close(dw, ref_dw, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_rows_after_routed_count_as_zeros_whatever_they_hold(compiled):
+    """The all-gather dispatcher's static shapes: slots sorted after ``routed`` (experts on other ranks) are left
+    unwritten by the grouped GEMM. Filled with NaN here, they still contribute nothing to the output, their
+    weights get zero gradient, and their rows' gradients (NaN too) do not reach x: the same as computing only the
+    routed rows and padding with zeros."""
+    from moonforge.model import combine, expert_rows, sort_by_expert
+
+    g = torch.Generator().manual_seed(4)
+    n_tokens, top_k, hidden, local = 29, 3, 16, 2
+    x = torch.randn(n_tokens, hidden, generator=g).bfloat16()
+    key = torch.stack([torch.randperm(5, generator=g)[:top_k] for _ in range(n_tokens)]).clamp(max=local)
+    weights = torch.rand(n_tokens, top_k, generator=g)
+    order, counts = sort_by_expert(key, local + 1)
+    routed = key.numel() - counts[-1]
+    n = int(routed)
+    scale = torch.randn(hidden, generator=g).bfloat16()
+    probe = torch.randn(n_tokens, hidden, generator=g)
+
+    class Poisoned(torch.autograd.Function):  # an expert computation that leaves the unrouted rows as NaN
+        @staticmethod
+        def forward(ctx, rows):
+            out = rows * scale
+            out[n:] = float("nan")
+            return out
+
+        @staticmethod
+        def backward(ctx, grad):
+            d = grad * scale
+            d[n:] = float("nan")
+            return d
+
+    def ours(x, w):
+        return combine(Poisoned.apply(expert_rows(x, order, top_k, routed)), order, w, routed)
+
+    def reference(x, w):
+        h = x[order[:n] // top_k] * scale
+        h = torch.cat([h, h.new_zeros(key.numel() - n, hidden)])
+        return combine(h, order, w)
+
+    results = []
+    for fn in (torch.compile(ours) if compiled else ours, reference):
+        xx, ww = x.clone().requires_grad_(), weights.clone().requires_grad_()
+        out = fn(xx, ww)
+        (out.float() * probe).sum().backward()
+        results.append((out, xx.grad, ww.grad))
+    (out, dx, dw), (ref_out, ref_dx, ref_dw) = results
+    assert 0 < n < key.numel() and not out.isnan().any()
+    assert torch.equal(out, ref_out)
+    torch.testing.assert_close(dx.float(), ref_dx.float(), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(dw, ref_dw, rtol=1e-5, atol=1e-5)
+    elsewhere = (key == local)
+    assert (dw[elsewhere] == 0).all() and (dw[~elsewhere] != 0).all()
+
+
+@pytest.mark.parametrize("use_fp8", [False, True], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not CUDA, reason="needs a GPU with FP8 tensor cores"))])
+def test_static_rows_match_computing_the_routed_rows_alone(device, use_fp8):
+    """The all-gather dispatcher's experts, end to end: every slot carried through the grouped GEMMs, which stop
+    at the local experts' last row (the rows after it are left unwritten by the library kernel, on CPU and
+    GPU alike), against computing the routed rows alone and padding with zeros. Values and all gradients."""
+    from moonforge.model import combine, expert_ffn, expert_rows, sort_by_expert
+
+    g = torch.Generator().manual_seed(6)
+    n_tokens, top_k, hidden, inter, local = 96, 3, 64, 32, 3
+    x = torch.randn(n_tokens, hidden, generator=g).bfloat16().to(device)
+    key = torch.stack([torch.randperm(2 * local, generator=g)[:top_k] for _ in range(n_tokens)])
+    key = key.clamp(max=local).to(device)  # experts 0..local-1 here; ``local`` = on another rank
+    weights = torch.rand(n_tokens, top_k, generator=g).to(device)
+    gate_up = (torch.randn(local, 2, inter, hidden, generator=g) * hidden ** -0.5).to(device)
+    down = (torch.randn(local, hidden, inter, generator=g) * inter ** -0.5).to(device)
+    probe = torch.randn(n_tokens, hidden, generator=g).to(device)
+    order, counts = sort_by_expert(key, local + 1)
+    routed = key.numel() - counts[-1]
+    n = int(routed)
+
+    def static(x, w, gu, d):
+        rows = expert_rows(x, order, top_k, routed)
+        h = expert_ffn(rows, gu, d, counts[:-1], fp8=use_fp8, rows_again=lambda: x.detach()[order // top_k])
+        return combine(h, order, w, routed)
+
+    def compact(x, w, gu, d):
+        h = expert_ffn(x[order[:n] // top_k], gu, d, counts[:-1], fp8=use_fp8)
+        return combine(torch.cat([h, h.new_zeros(key.numel() - n, hidden)]), order, w)
+
+    results = []
+    for fn in (static, compact):
+        leaves = [t.clone().requires_grad_() for t in (x, weights, gate_up, down)]
+        out = fn(*leaves)
+        (out.float() * probe).sum().backward()
+        results.append([out] + [t.grad for t in leaves])
+    assert 0 < n < key.numel()
+    for ours, ref, name in zip(*results, ("out", "x", "weights", "gate_up", "down")):
+        assert torch.isfinite(ours).all(), name
+        torch.testing.assert_close(ours.float(), ref.float(), rtol=2e-2, atol=2e-2, msg=name)

@@ -13,8 +13,10 @@ and with the ``allgather`` dispatcher:
     grouped GEMMs  ->  weight and sum them per token  ->  EP and ETP reduce-scatter
 
 Per rank and direction the all-to-all moves about T*k*(EP-1)/EP rows of a layer's T tokens and k slots, the
-all-gather T*(EP-1): the all-gather sends less while EP < k (Moonlight: k = 6), with static shapes. Its cost is
-memory, the gathered tokens and an EP*T*k-row combine buffer, which grows with EP.
+all-gather T*(EP-1): the all-gather sends less while EP < k (Moonlight: k = 6). Its shapes are static, so the
+host never waits for the GPU, where the all-to-all waits once per layer for the split sizes. Its cost is memory:
+the gathered tokens and EP*T*k rows for every slot through the experts' activations and the combine (the rows of
+slots routed elsewhere are carried, not computed), which grows with EP.
 
 Routed expert weights are fp32 masters; each step casts them to the compute dtype once, not per micro-batch
 (``_cast_once``), or, to save memory, per use (``_cast_for_use``); their bf16 gradients are added straight into
@@ -132,18 +134,18 @@ class _ParallelExperts:
         local_experts = self.n_experts // self.ep
         indices = _all_gather_no_grad(indices, self.ep_group)
         top_k = indices.shape[1]
-        # Slots routed elsewhere get the key local_experts and sort last; their rows of the combine are zero.
+        # Slots routed elsewhere get the key local_experts and sort last. Every slot keeps its row, so no shape
+        # depends on the routing and the host never waits for the GPU: the grouped GEMMs stop where the local
+        # experts' rows end (``routed``), and the combine and the rows' backward ignore what follows.
         key = indices - self.ep_rank * local_experts
         key = torch.where((key >= 0) & (key < local_experts), key, local_experts)
         order, counts = sort_by_expert(key, local_experts + 1)
-        elsewhere = host_values_later(counts[-1:])  # one host synchronisation per layer, behind the all-gathers
+        routed = key.numel() - counts[-1]
         x = all_gather(x, self.ep_group)
         weights = all_gather(weights, self.ep_group)
-        n_local = key.numel() - elsewhere()[0]
-        h = expert_ffn(x[order[:n_local] // top_k], gate_up, down, counts[:-1], again,
-                       fp8=self.experts.fp8, quantized=quantized)
-        h = torch.cat([h, h.new_zeros(key.numel() - n_local, h.shape[1])])
-        return reduce_scatter(KERNELS.combine(h, order, weights), self.ep_group)
+        h = expert_ffn(expert_rows(x, order, top_k, routed), gate_up, down, counts[:-1], again,
+                       fp8=self.experts.fp8, quantized=quantized, rows_again=lambda: x[order // top_k])
+        return reduce_scatter(KERNELS.combine(h, order, weights, routed), self.ep_group)
 
     def _dispatch_compute_combine(self, x: torch.Tensor, order: torch.Tensor, top_k: int, counts: torch.Tensor,
                                   gate_up: torch.Tensor, down: torch.Tensor, again=None,
