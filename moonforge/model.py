@@ -553,10 +553,10 @@ def sum_token_rows(rows: torch.Tensor, inverse: torch.Tensor, top_k: int,
                    routed: torch.Tensor | None = None) -> torch.Tensor:
     """Each token's k rows of ``rows`` (in expert order; ``inverse`` from ``inverse_order``) summed in fp32, rows
     from position ``routed`` on counted as zeros."""
-    gathered = rows[inverse].float()
+    gathered = rows[inverse].view(inverse.numel() // top_k, top_k, -1)
     if routed is not None:
-        gathered = torch.where((inverse < routed)[:, None], gathered, 0.0)
-    return gathered.view(inverse.numel() // top_k, top_k, -1).sum(dim=1).to(rows.dtype)
+        gathered = torch.where((inverse < routed).view(*gathered.shape[:2], 1), gathered, 0)
+    return gathered.float().sum(dim=1).to(rows.dtype)
 
 
 def combine(h: torch.Tensor, order: torch.Tensor, weights: torch.Tensor,
@@ -578,7 +578,8 @@ class _Combine(torch.autograd.Function):
     def forward(ctx, h, order, weights, routed):
         inverse = inverse_order(order)
         ctx.save_for_backward(h, order, inverse, weights, routed)
-        return (_token_slots(h, inverse, weights.shape, routed) * weights[..., None]).sum(dim=1).to(h.dtype)
+        unsorted = _token_slots(h, inverse, weights.shape, routed)
+        return (unsorted.float() * weights[..., None]).sum(dim=1).to(h.dtype)
 
     @staticmethod
     def backward(ctx, grad):
@@ -587,16 +588,16 @@ class _Combine(torch.autograd.Function):
         grad = grad.float()
         d_h = (grad[order // top_k] * weights.flatten()[order, None]).to(h.dtype)
         unsorted = _token_slots(h, inverse, weights.shape, routed)
-        d_weights = (unsorted * grad[:, None]).sum(dim=-1).to(weights.dtype)
+        d_weights = (unsorted.float() * grad[:, None]).sum(dim=-1).to(weights.dtype)
         return d_h, None, d_weights, None
 
 
 def _token_slots(h: torch.Tensor, inverse: torch.Tensor, shape, routed: torch.Tensor | None) -> torch.Tensor:
-    """``h``'s rows in (token, slot) order as fp32 [T, k, H], rows from position ``routed`` on as zeros."""
-    unsorted = h[inverse].float()
-    if routed is not None:
-        unsorted = torch.where((inverse < routed)[:, None], unsorted, 0.0)
-    return unsorted.view(*shape, -1)
+    """``h``'s rows in (token, slot) order as [T, k, H], rows from position ``routed`` on as zeros."""
+    unsorted = h[inverse].view(*shape, -1)
+    if routed is None:
+        return unsorted
+    return torch.where((inverse < routed).view(*shape, 1), unsorted, 0)
 
 
 class MoE(nn.Module):
