@@ -21,6 +21,8 @@
 #   bash benchmarks/h200_suite.sh fp8 OUTDIR    # one H200: precision fp8 against bf16, 27 layers x 8 experts, seq 4096 and packed SFT
 #   bash benchmarks/h200_suite.sh fp8-6l OUTDIR # one H200: precision fp8 against bf16, 6 layers, the one-GPU engine (flat buffers)
 #   bash benchmarks/h200_suite.sh two-i OUTDIR  # two H200s: the two-GPU targets with blocks compiled, fp8 against bf16
+#   bash benchmarks/h200_suite.sh two-j OUTDIR  # two H200s, blocks compiled, bf16: the static all-gather dispatcher (no host
+#       synchronisation) against the all-to-all, alternating, for 27-layer pretraining; then packed SFT at 8k
 #   bash benchmarks/h200_suite.sh check OUTDIR  # one GPU: logits parity, 6 layers vs transformers (blocks compiled),
 #       and the tests with GPU cases
 #   bash benchmarks/h200_suite.sh optim OUTDIR [BASE]  # one GPU: AdamW compiled over chunks of parameters and one
@@ -230,6 +232,15 @@ if [ "$MODE" = fp8-cache ]; then  # one GPU (tag GPU_TAG): weights quantised onc
   fi
 fi
 
+if [ "$MODE" = two-j ]; then  # two H200s: the order alternates, since the second run of a pair has read slower
+  COMMON="--steps 4 --warmup 2 --state-dtype bf16 --compile --compile-blocks"
+  PRE="--layers 27 --mbs 1 --gbs 8 --ep 2 --seq 4096 --ac none"
+  bench train_27l_2xh200_ep2_allgather_static 2 140 $PRE $COMMON --set parallel.ep_dispatcher=allgather
+  bench train_27l_2xh200_ep2_alltoall_blocks 2 140 $PRE $COMMON --set parallel.ep_dispatcher=alltoall
+  bench train_27l_2xh200_ep2_allgather_static_again 2 140 $PRE $COMMON --set parallel.ep_dispatcher=allgather
+  bench sft_packed_8k_27l_2xh200_ep2_allgather_static_ac17 2 140 --layers 27 --mbs 1 --gbs 8 --ep 2 --seq 8192 \
+    --attention varlen --packed 8 --ac full --ac-layers 17 $COMMON --set parallel.ep_dispatcher=allgather
+fi
 if [ "$MODE" = two-i ]; then  # two H200s, blocks compiled: precision fp8 against bf16 for both two-GPU targets
   COMMON="--steps 4 --warmup 2 --state-dtype bf16 --compile --compile-blocks --set parallel.ep_dispatcher=allgather"
   SFT="--layers 27 --mbs 1 --gbs 8 --ep 2 --seq 8192 --attention varlen --packed 8 --ac full --ac-layers 17"
