@@ -553,10 +553,7 @@ def sum_token_rows(rows: torch.Tensor, inverse: torch.Tensor, top_k: int,
                    routed: torch.Tensor | None = None) -> torch.Tensor:
     """Each token's k rows of ``rows`` (in expert order; ``inverse`` from ``inverse_order``) summed in fp32, rows
     from position ``routed`` on counted as zeros."""
-    gathered = rows[inverse].view(inverse.numel() // top_k, top_k, -1)
-    if routed is not None:
-        gathered = torch.where((inverse < routed).view(*gathered.shape[:2], 1), gathered, 0)
-    return gathered.float().sum(dim=1).to(rows.dtype)
+    return _token_slots(rows, inverse, (inverse.numel() // top_k, top_k), routed).float().sum(dim=1).to(rows.dtype)
 
 
 def combine(h: torch.Tensor, order: torch.Tensor, weights: torch.Tensor,
@@ -594,7 +591,8 @@ class _Combine(torch.autograd.Function):
 
 
 def _token_slots(h: torch.Tensor, inverse: torch.Tensor, shape, routed: torch.Tensor | None) -> torch.Tensor:
-    """``h``'s rows in (token, slot) order as [T, k, H], rows from position ``routed`` on as zeros."""
+    """``h``'s rows in (token, slot) order as [T, k, H] (``shape`` = (T, k)), rows from position ``routed`` on as
+    zeros."""
     unsorted = h[inverse].view(*shape, -1)
     if routed is None:
         return unsorted
