@@ -67,6 +67,9 @@ LAYOUTS = {
     "ep2_allgather": (2, {"parallel": {"ep": 2, "ep_dispatcher": "allgather"}}),
     "tp2_x_ep2_allgather": (4, {"parallel": {"tp": 2, "sp": True, "ep": 2, "ep_dispatcher": "allgather"}}),
     "ep2_x_etp2_allgather": (4, {"parallel": {"ep": 2, "etp": 2, "ep_dispatcher": "allgather"}}),
+    # The static rows gathered again in the backward, with the weights cast again and the layer recomputed.
+    "ep2_allgather_recompute_cast_per_use": (2, {"activation_checkpointing": "full", "parallel": {
+        "ep": 2, "ep_dispatcher": "allgather", "cache_expert_casts": False}}),
 }
 MUON = {"optimizer": "muon", "muon": {"ns_dtype": "fp32"}}
 
