@@ -178,6 +178,18 @@ def test_recomputation_does_not_count_routing_twice():
         assert torch.equal(counts[mode], counts["none"]), mode
 
 
+def _values_and_grads(fns, inputs, probe) -> list[list[torch.Tensor]]:
+    """For each function: its output on fresh leaf copies of ``inputs``, then their gradients of
+    ``(output * probe).sum()``."""
+    results = []
+    for fn in fns:
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        out = fn(*leaves)
+        (out.float() * probe).sum().backward()
+        results.append([out] + [t.grad for t in leaves])
+    return results
+
+
 @pytest.mark.parametrize("compiled", [False, True])
 def test_expert_rows_and_combine_match_the_scattering_formulation(compiled):
     """The gathering permute and combine (with their own backward) give the indexing formulation's values and
@@ -201,13 +213,8 @@ def test_expert_rows_and_combine_match_the_scattering_formulation(compiled):
         unsorted = torch.empty_like(rows).index_copy_(0, order, rows)
         return (unsorted.view(n_tokens, top_k, -1).float() * w[..., None]).sum(dim=1).to(rows.dtype)
 
-    results = []
-    for fn in (torch.compile(ours) if compiled else ours, reference):
-        xx, ww = x.clone().requires_grad_(), weights.clone().requires_grad_()
-        out = fn(xx, ww)
-        (out.float() * probe).sum().backward()
-        results.append((out, xx.grad, ww.grad))
-    (out, dx, dw), (ref_out, ref_dx, ref_dw) = results
+    (out, dx, dw), (ref_out, ref_dx, ref_dw) = _values_and_grads(
+        (torch.compile(ours) if compiled else ours, reference), (x, weights), probe)
     assert torch.equal(out, ref_out)
     torch.testing.assert_close(dx.float(), ref_dx.float(), rtol=1e-2, atol=1e-2)  # k bf16 terms: summed in fp32
     torch.testing.assert_close(dw, ref_dw, rtol=1e-5, atol=1e-5)
@@ -253,13 +260,8 @@ def test_rows_after_routed_count_as_zeros_whatever_they_hold(compiled):
         h = torch.cat([h, h.new_zeros(key.numel() - n, hidden)])
         return combine(h, order, w)
 
-    results = []
-    for fn in (torch.compile(ours) if compiled else ours, reference):
-        xx, ww = x.clone().requires_grad_(), weights.clone().requires_grad_()
-        out = fn(xx, ww)
-        (out.float() * probe).sum().backward()
-        results.append((out, xx.grad, ww.grad))
-    (out, dx, dw), (ref_out, ref_dx, ref_dw) = results
+    (out, dx, dw), (ref_out, ref_dx, ref_dw) = _values_and_grads(
+        (torch.compile(ours) if compiled else ours, reference), (x, weights), probe)
     assert 0 < n < key.numel() and not out.isnan().any()
     assert torch.equal(out, ref_out)
     torch.testing.assert_close(dx.float(), ref_dx.float(), rtol=1e-2, atol=1e-2)
@@ -299,12 +301,7 @@ def test_static_rows_match_computing_the_routed_rows_alone(device, use_fp8):
         h = expert_ffn(x[order[:n] // top_k], gu, d, counts[:-1], fp8=use_fp8)
         return combine(torch.cat([h, h.new_zeros(key.numel() - n, hidden)]), order, w)
 
-    results = []
-    for fn in (static, compact):
-        leaves = [t.clone().requires_grad_() for t in (x, weights, gate_up, down)]
-        out = fn(*leaves)
-        (out.float() * probe).sum().backward()
-        results.append([out] + [t.grad for t in leaves])
+    results = _values_and_grads((static, compact), (x, weights, gate_up, down), probe)
     assert 0 < n < key.numel()
     for ours, ref, name in zip(*results, ("out", "x", "weights", "gate_up", "down")):
         assert torch.isfinite(ours).all(), name
