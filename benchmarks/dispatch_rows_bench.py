@@ -11,6 +11,8 @@ Timed per forward + backward of one layer's experts, with the element-wise kerne
     device_ms   GPU time from CUDA events with the host queueing ahead (several layers in flight)
     wall_ms     host wall time per layer when each layer waits for the previous one's backward first
 
+It also records the relative difference between the two paths' output and gradients (from commit 6a0dda3 on).
+
     python benchmarks/dispatch_rows_bench.py --out benchmarks/results/dispatch_rows_h100.json
 """
 
@@ -118,6 +120,21 @@ def measure(fn, inputs, args, device) -> dict:
             "queued_ms_all": queued, "waited_ms_all": waited, "peak_extra_gib": peak}
 
 
+def max_difference(inputs) -> dict:
+    """The largest relative difference between the two paths' output and gradients (they compute the same)."""
+    x, weights, key, gate_up, down, top_k, local = inputs
+    probe = torch.randn_like(x)
+    got = []
+    for fn in (static, compact):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, weights, gate_up, down)]
+        xx, ww, gu, dd = leaves
+        out = fn(xx, ww, key, gu, dd, top_k, local)
+        (out.float() * probe).sum().backward()
+        got.append([out] + [t.grad for t in leaves])
+    return {name: float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
+            for name, a, b in zip(("out", "x", "weights", "gate_up", "down"), *got)}
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -129,17 +146,19 @@ def main(argv=None):
     results = {"compact": measure(compact, inputs, args, device), "static": measure(static, inputs, args, device)}
     results["static_again"] = measure(static, inputs, args, device)
     results["compact_again"] = measure(compact, inputs, args, device)
+    difference = max_difference(inputs)
     record = {
         "benchmark": "dispatch_rows_bench", "commit": commit(), "date": time.strftime("%Y-%m-%d"),
         "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
         "gpu_count": 1 if device.type == "cuda" else 0, "torch_version": torch.__version__,
         "config": {**vars(args), "top_k": top_k, "rows": key.numel(), "routed_fraction": routed_fraction},
-        "results": results,
+        "results": results, "relative_difference_static_vs_compact": difference,
     }
     atomic_write_text(Path(args.out), json.dumps(record, indent=1))
     for name, r in results.items():
         print(f"{name}: device {r['device_ms']:.3f} ms, wall {r['wall_ms']:.3f} ms per layer, "
               f"peak +{r['peak_extra_gib'] or 0:.2f} GiB")
+    print("relative difference, static against compact:", {k: f"{v:.1e}" for k, v in difference.items()})
 
 
 if __name__ == "__main__":
