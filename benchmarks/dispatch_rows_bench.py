@@ -11,7 +11,7 @@ Timed per forward + backward of one layer's experts, with the element-wise kerne
     device_ms   GPU time from CUDA events with the host queueing ahead (several layers in flight)
     wall_ms     host wall time per layer when each layer waits for the previous one's backward first
 
-It also records the relative difference between the two paths' output and gradients (from commit 6a0dda3 on).
+It also records the relative difference between the two paths' output and gradients.
 
     python benchmarks/dispatch_rows_bench.py --out benchmarks/results/dispatch_rows_h100.json
 """
