@@ -516,9 +516,9 @@ def accumulate(total: torch.Tensor, grad: torch.Tensor) -> None:
     total.add_(grad)
 
 
-def upcast_into(out: torch.Tensor, x: torch.Tensor) -> None:
-    """``out`` (fp32) = ``x`` (fused: vectorised loads on GPUs, where aten's mixed-dtype copy is not)."""
-    out.copy_(x)
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in fp32 (fused: vectorised loads on GPUs, where aten's mixed-dtype copy is not)."""
+    return x.float()
 
 
 def inverse_order(order: torch.Tensor) -> torch.Tensor:
@@ -866,7 +866,7 @@ class _Kernels:
 
     def reset(self) -> None:
         self.rms_norm, self.swiglu, self.apply_rope, self.combine = rms_norm, swiglu, apply_rope, combine
-        self.accumulate, self.upcast_into, self.swiglu_backward = accumulate, upcast_into, swiglu_backward
+        self.accumulate, self.upcast, self.swiglu_backward = accumulate, upcast, swiglu_backward
         self.sum_token_rows = sum_token_rows
 
 
@@ -876,7 +876,7 @@ KERNELS = _Kernels()
 def compile_kernels() -> None:
     """Fuse the element-wise islands (norms, RoPE, SwiGLU, the weighted expert combine, mixed-precision gradient
     accumulation) with torch.compile."""
-    for name in ("rms_norm", "swiglu", "apply_rope", "combine", "accumulate", "upcast_into", "swiglu_backward",
+    for name in ("rms_norm", "swiglu", "apply_rope", "combine", "accumulate", "upcast", "swiglu_backward",
                  "sum_token_rows"):
         setattr(KERNELS, name, torch.compile(globals()[name]))  # shapes that vary become dynamic
 

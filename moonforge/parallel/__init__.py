@@ -14,7 +14,6 @@ from torch.distributed.tensor import DTensor
 
 from moonforge import fp8
 from moonforge.model import MoE, Router, Transformer, compile_blocks as compile_each_block, compile_kernels
-from moonforge.parallel import aside
 from moonforge.parallel.checkpointing import apply_activation_checkpointing
 from moonforge.parallel.context import apply_context_parallel
 from moonforge.parallel.dims import ParallelDims
@@ -96,9 +95,7 @@ class ParallelModel:
     def reduce_gradients(self) -> None:
         """Gradient sums FSDP does not do itself (expert weights over their data-parallel replicas); call after
         the last backward of a step. Also frees the step's low-precision copies of the weights (expert casts,
-        FP8 copies): the optimizer step is about to change the weights. First the current stream waits for the
-        gradient sums queued on the side stream (``aside``)."""
-        aside.join()
+        FP8 copies): the optimizer step is about to change the weights."""
         release_weight_casts(self.expert_params)
         fp8.release_cached(self.fp8_modules)
         reduce_expert_grads(self.expert_params, self.meshes)

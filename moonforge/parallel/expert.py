@@ -35,7 +35,6 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from moonforge.model import KERNELS, GroupedExperts, MoE, expert_ffn, expert_rows, sort_by_expert
-from moonforge.parallel import aside
 from moonforge.parallel.comm import all_gather, all_reduce_in_place, all_to_all, host_values_later, reduce_scatter
 from moonforge.parallel.mesh import Meshes
 
@@ -231,7 +230,7 @@ class _AccumulateInto(torch.autograd.Function):
             param.grad = (DTensor.from_local(local, param.device_mesh, param.placements, run_check=False)
                           if isinstance(param, DTensor) else local)
         else:
-            aside.accumulate(_local(param.grad), grad)
+            KERNELS.accumulate(_local(param.grad), grad)
         return None, None, None
 
 

@@ -16,8 +16,7 @@ import torch
 from torch import nn
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-from moonforge.model import MoE, Transformer
-from moonforge.parallel import aside
+from moonforge.model import KERNELS, MoE, Transformer
 from moonforge.parallel.comm import all_reduce_in_place
 from moonforge.parallel.mesh import Meshes
 
@@ -84,26 +83,20 @@ def _sum_gradients(module) -> None:
 def route_unsharded_accumulation() -> None:
     """Have FSDP2 upcast and accumulate unsharded gradients across micro-batches (``defer_grad_sync``: low-precision
     gradients summed in the fp32 reduce dtype) with moonforge's element-wise kernels, which ``compile_kernels``
-    fuses, on a CUDA stream of their own (``moonforge.parallel.aside``) for all but a step's last micro-batch.
-    Those passes run once per parameter and micro-batch. On one H100 (20 layers x 8 experts, 4 micro-batches) they
-    took 33 ms per step through these kernels, against 48 ms through aten's mixed-dtype kernels. Aside, the
-    backward's matrix products no longer wait for them; the last micro-batch's post-backward, which reduces the
-    sums, first waits for all of them.
+    fuses. Those passes run once per parameter and micro-batch. On one H100 (20 layers x 8 experts, 4
+    micro-batches) they took 33 ms per step this way, against 48 ms through aten's mixed-dtype kernels.
 
     Same arithmetic either way (each value upcast, then one fp32 addition), so the results are bit-identical;
     anything other than plain contiguous tensors into fp32 takes FSDP's own path. Installed once per process, on
-    FSDP's parameter and parameter-group classes (private ones: a torch without these methods is left as it is)."""
+    FSDP's parameter class (a private one: a torch without these methods is left as it is)."""
     try:
         from torch.distributed.fsdp._fully_shard._fsdp_param import FSDPParam
-        from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
     except ImportError:
         return
     names = ("to_accumulated_grad_if_needed", "accumulate_unsharded_grad_if_needed")
-    if (getattr(FSDPParam, "_moonforge_routed", False) or not all(hasattr(FSDPParam, n) for n in names)
-            or not hasattr(FSDPParamGroup, "post_backward")):
+    if getattr(FSDPParam, "_moonforge_routed", False) or not all(hasattr(FSDPParam, n) for n in names):
         return
     own_upcast, own_accumulate = (getattr(FSDPParam, n) for n in names)
-    own_post_backward = FSDPParamGroup.post_backward
 
     def plain(t) -> bool:
         return type(t) is torch.Tensor and t.is_contiguous()
@@ -113,25 +106,17 @@ def route_unsharded_accumulation() -> None:
         if grad is None or self.reduce_dtype != torch.float32 or grad.dtype == torch.float32 or not plain(grad):
             return own_upcast(self)
         self._unsharded_param.grad = None
-        self.unsharded_accumulated_grad = aside.upcast(grad)
+        self.unsharded_accumulated_grad = KERNELS.upcast(grad.view(-1)).view(grad.shape)
 
     def accumulate_unsharded_grad_if_needed(self) -> None:
         total = self.unsharded_accumulated_grad
         grad = self.unsharded_param.grad if total is not None else None
         if grad is None or not (plain(total) and plain(grad)) or total.shape != grad.shape:
             return own_accumulate(self)
-        aside.accumulate(total, grad)
+        KERNELS.accumulate(total.view(-1), grad.view(-1))
         self.unsharded_param.grad = None
-
-    def post_backward(self, *unused):
-        if getattr(self, "reduce_grads", True):  # the sums are read now: every addition queued aside comes first
-            aside.join()
-            return own_post_backward(self, *unused)
-        with aside.aside(self.device):
-            return own_post_backward(self, *unused)
 
     FSDPParam.to_accumulated_grad_if_needed = to_accumulated_grad_if_needed
     FSDPParam.accumulate_unsharded_grad_if_needed = accumulate_unsharded_grad_if_needed
-    FSDPParamGroup.post_backward = post_backward
     FSDPParam._moonforge_routed = True
     FSDPParam._moonforge_own = dict(zip(names, (own_upcast, own_accumulate)))  # for tests: FSDP's own path

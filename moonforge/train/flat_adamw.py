@@ -25,8 +25,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moonforge.parallel import aside
-
 logger = logging.getLogger(__name__)
 CHUNK = 1 << 26  # elements per streamed piece of offloaded state
 
@@ -106,7 +104,6 @@ class FlatAdamW(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ gradients
     def grad_norm_squared(self) -> torch.Tensor:
-        aside.join()  # micro-batch gradients still being added on the side stream
         total = torch.zeros((), dtype=torch.float64, device=self.step_count.device)
         for g in self.groups_flat:
             # fp32 accumulation is accurate on GPUs (tree reduction) but not in the CPU kernel: use fp64 there.
@@ -115,14 +112,12 @@ class FlatAdamW(torch.optim.Optimizer):
         return total
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        aside.join()
         for g in self.groups_flat:
             g.grad.zero_()
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
     def step(self, closure=None):
-        aside.join()
         hp = self.param_groups[0]
         beta1, beta2 = hp["betas"]
         self.step_count += 1
@@ -307,7 +302,7 @@ def _host_zeros(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tenso
 
 
 def _accumulate(view: torch.Tensor, p: nn.Parameter) -> None:
-    aside.accumulate(view, p.grad)  # on a stream of its own; ``ParallelModel.reduce_gradients`` joins it
+    view.add_(p.grad)
     p.grad = None
 
 
