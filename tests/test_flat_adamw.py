@@ -70,6 +70,33 @@ def test_accumulating_micro_batches_in_fp32_and_bf16_parameters():
     assert torch.equal(master.to(torch.bfloat16), model.model.embed_tokens.weight)
 
 
+def test_micro_batch_gradients_summed_in_fp32_bit_for_bit(kernels):
+    """Each micro-batch's bf16 gradients are upcast and added into the flat fp32 buffer, through the element-wise
+    kernels as written and compiled: the same bits as summing a twin model's gradients by hand."""
+    config = preset("tiny")
+    model, twin = build_model(config, seed=0), build_model(config, seed=0)
+    flat = _flat(model, accumulate=True, dtype=torch.bfloat16)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        q.data = p.detach().clone()  # the same dtypes: bf16, the router fp32
+    totals = [torch.zeros(q.shape) for q in twin.parameters()]
+    torch.manual_seed(1)
+    for _ in range(3):
+        ids = torch.randint(0, config.vocab_size, (2, 17))
+        _step(model, ids)
+        twin.zero_grad()
+        _step(twin, ids)
+        for total, q in zip(totals, twin.parameters()):
+            total += q.grad.float()
+    views = {}
+    for g in flat.groups_flat:
+        offset = 0
+        for p in g.params:
+            views[p] = g.grad[offset:offset + p.numel()].view_as(p)
+            offset += p.numel()
+    for (name, p), total in zip(model.named_parameters(), totals):
+        assert torch.equal(views[p], total), name
+
+
 def test_state_dict_round_trip_keeps_flat_views():
     config = preset("tiny")
     model = build_model(config, seed=0)

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from moonforge.model import KERNELS
+
 logger = logging.getLogger(__name__)
 CHUNK = 1 << 26  # elements per streamed piece of offloaded state
 
@@ -302,7 +304,7 @@ def _host_zeros(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tenso
 
 
 def _accumulate(view: torch.Tensor, p: nn.Parameter) -> None:
-    view.add_(p.grad)
+    KERNELS.accumulate(view, p.grad)  # fused when compiled: aten's mixed-dtype add is not vectorised
     p.grad = None
 
 
