@@ -837,7 +837,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_out.to(grad_h.dtype), (grad_w * grad_out).to(ctx.weight_dtype), None, None
+        scaled_w = torch.empty(grad_w.shape, dtype=ctx.weight_dtype, device=grad_w.device)
+        torch.mul(grad_w, grad_out, out=scaled_w)  # one pass: fp32 read, cast on write
+        return grad_h * grad_out.to(grad_h.dtype), scaled_w, None, None
 
 
 def _add_product_fp32(total: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

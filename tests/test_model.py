@@ -144,6 +144,28 @@ def test_head_weight_gradient_sums_products_in_fp32(device):
     assert error < (1e-6 if device == "cuda" else 1e-2), error
 
 
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_fused_linear_cross_entropy_in_bf16_matches_fp32_autograd(device):
+    """bf16 hidden states and head over several chunks (on a GPU: products added in fp32 in the GEMM): loss and
+    both gradients, in the inputs' dtypes, within bf16 rounding of fp32 autograd."""
+    from moonforge.model import linear_cross_entropy_sum
+
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(70, 32, generator=g).bfloat16().to(device).requires_grad_()
+    w = (torch.randn(300, 32, generator=g) / 4).bfloat16().to(device).requires_grad_()
+    labels = torch.randint(0, 300, (70,), generator=g).to(device)
+    labels[::7] = IGNORE_INDEX
+    h32, w32 = h.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+    fused = linear_cross_entropy_sum(h, w, labels, chunk_tokens=16)
+    want = cross_entropy_sum(h32 @ w32.t(), labels)
+    (fused * 0.5).backward()
+    (want * 0.5).backward()
+    assert h.grad.dtype == w.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(fused, want, rtol=2e-2, atol=0)
+    for ours, ref in ((h.grad, h32.grad), (w.grad, w32.grad)):
+        assert ((ours.float() - ref).norm() / ref.norm()).item() < 2e-2
+
+
 def test_model_loss_from_labels_equals_loss_of_logits():
     config = preset("tiny")
     model = build_model(config, seed=0)
