@@ -820,15 +820,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(h) if need_grad else None
         grad_w = None
         chunk_loss = _compiled_ce_chunk() if h.is_cuda else _ce_chunk
-        for start in range(0, h.shape[0], chunk):
+        starts = range(0, h.shape[0], chunk)
+        for start in starts:
             h_c, y = h[start:start + chunk], labels[start:start + chunk]
             loss, g = chunk_loss(h_c @ weight.t(), y, need_grad)
             total += loss
             if need_grad:
                 torch.mm(g, weight, out=grad_h[start:start + chunk])
-                grad_w = _add_product_fp32(grad_w, g.t(), h_c)
+                # One chunk: its product is the gradient, in the weight's dtype. Several: summed in fp32.
+                grad_w = g.t() @ h_c if len(starts) == 1 else _add_product_fp32(grad_w, g.t(), h_c)
         if need_grad and grad_w is None:  # no tokens
-            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            grad_w = torch.zeros_like(weight)
         if need_grad:
             ctx.save_for_backward(grad_h, grad_w)
             ctx.weight_dtype = weight.dtype
@@ -837,9 +839,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         grad_h, grad_w = ctx.saved_tensors
-        scaled_w = torch.empty(grad_w.shape, dtype=ctx.weight_dtype, device=grad_w.device)
-        torch.mul(grad_w, grad_out, out=scaled_w)  # one pass: fp32 read, cast on write
-        return grad_h * grad_out.to(grad_h.dtype), scaled_w, None, None
+        scale = _compiled_scale() if grad_h.is_cuda else _scale
+        return scale(grad_h, grad_out, grad_h.dtype), scale(grad_w, grad_out, ctx.weight_dtype), None, None
+
+
+def _scale(x: torch.Tensor, factor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x * factor`` in fp32, then ``dtype``: one pass, the factor never rounded to x's low precision."""
+    return (x.float() * factor.float()).to(dtype)
+
+
+@functools.cache
+def _compiled_scale():
+    return torch.compile(_scale)
 
 
 def _add_product_fp32(total: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -144,26 +144,44 @@ def test_head_weight_gradient_sums_products_in_fp32(device):
     assert error < (1e-6 if device == "cuda" else 1e-2), error
 
 
+@pytest.mark.parametrize("chunk", [16, 128])  # several chunks (summed in fp32), one chunk
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
-def test_fused_linear_cross_entropy_in_bf16_matches_fp32_autograd(device):
-    """bf16 hidden states and head over several chunks (on a GPU: products added in fp32 in the GEMM): loss and
-    both gradients, in the inputs' dtypes, within bf16 rounding of fp32 autograd."""
+def test_fused_linear_cross_entropy_in_bf16_matches_fp32_autograd(device, chunk):
+    """bf16 hidden states and head (on a GPU: several chunks' products added in fp32 in the GEMM): loss and both
+    gradients, in the inputs' dtypes, within bf16 rounding of fp32 autograd. The incoming gradient scales them
+    in fp32: exactly the unscaled gradients times the factor, rounded once."""
     from moonforge.model import linear_cross_entropy_sum
 
     g = torch.Generator().manual_seed(2)
-    h = torch.randn(70, 32, generator=g).bfloat16().to(device).requires_grad_()
-    w = (torch.randn(300, 32, generator=g) / 4).bfloat16().to(device).requires_grad_()
+    h0 = torch.randn(70, 32, generator=g).bfloat16().to(device)
+    w0 = (torch.randn(300, 32, generator=g) / 4).bfloat16().to(device)
     labels = torch.randint(0, 300, (70,), generator=g).to(device)
     labels[::7] = IGNORE_INDEX
-    h32, w32 = h.detach().float().requires_grad_(), w.detach().float().requires_grad_()
-    fused = linear_cross_entropy_sum(h, w, labels, chunk_tokens=16)
+
+    def grads(factor):
+        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        loss = linear_cross_entropy_sum(h, w, labels, chunk_tokens=chunk)
+        (loss * factor).backward()
+        return loss, h.grad, w.grad
+
+    fused, h_grad, w_grad = grads(0.5)
+    h32, w32 = h0.float().requires_grad_(), w0.float().requires_grad_()
     want = cross_entropy_sum(h32 @ w32.t(), labels)
-    (fused * 0.5).backward()
     (want * 0.5).backward()
-    assert h.grad.dtype == w.grad.dtype == torch.bfloat16
+    assert h_grad.dtype == w_grad.dtype == torch.bfloat16
     torch.testing.assert_close(fused, want, rtol=2e-2, atol=0)
-    for ours, ref in ((h.grad, h32.grad), (w.grad, w32.grad)):
+    for ours, ref in ((h_grad, h32.grad), (w_grad, w32.grad)):
         assert ((ours.float() - ref).norm() / ref.norm()).item() < 2e-2
+
+    factor = 1 / 3000.7  # not a bf16 number
+    _, h_unit, w_unit = grads(1.0)
+    _, h_scaled, w_scaled = grads(factor)
+    if chunk == 128:  # one chunk: the unit gradients are the rounded products themselves
+        assert torch.equal(h_scaled, (h_unit.float() * factor).bfloat16())
+        assert torch.equal(w_scaled, (w_unit.float() * factor).bfloat16())
+    else:  # the fp32 sum is rounded only after scaling
+        assert torch.equal(h_scaled, (h_unit.float() * factor).bfloat16())
+        assert ((w_scaled.float() - w_unit.float() * factor).norm() / (w_unit.float() * factor).norm()) < 1e-2
 
 
 def test_model_loss_from_labels_equals_loss_of_logits():
