@@ -127,9 +127,13 @@ def test_fp8_layouts_match_single_process(workdir, name, nproc, overrides):
     """precision fp8 (emulated on CPUs): every row scale is taken over a whole token or a whole weight row, which
     FSDP, EP and PP keep whole, so sharded layouts give the single process's steps up to bf16 rounding. Compiled
     blocks round differently from the eager reference before quantising, and FP8 turns some of those differences
-    into whole quantisation steps: a looser bound there (measured 1.4e-3 at step 1). The layouts keep each
-    weight's FP8 copies for the step (``fp8_cache_weights``; EP quantises its local shards, keyed on the
-    masters); the reference quantises per use."""
+    into whole quantisation steps: a looser bound there (measured 1.3e-4 to 1.4e-3 at step 1). After the first
+    step the gradient norm gets a looser bound still: Adam's first update moves every weight by about ±lr
+    whatever its gradient's size, so gradient elements near zero whose sign differs by rounding move their
+    weights apart by twice that, and FP8 turns some of the moves into new quantisation steps (measured up to
+    5.1e-3 at steps 2 and 3, where the losses still agree to 1e-4). The layouts keep each weight's FP8 copies for
+    the step (``fp8_cache_weights``; EP quantises its local shards, keyed on the masters); the reference
+    quantises per use."""
     fp8 = {"precision": "fp8", "global_batch_size": 8}
     reference = run_layout(workdir, 1, {**fp8, "fp8_cache_weights": False}, "fp8_single")
     got = run_layout(workdir, nproc, {**fp8, "fp8_cache_weights": True, **overrides}, f"fp8_{name}")
@@ -138,6 +142,8 @@ def test_fp8_layouts_match_single_process(workdir, name, nproc, overrides):
             rel = abs(a[key] - b[key]) / abs(a[key])
             print(f"fp8 {name} step {step} {key}: {b[key]:.6f} vs {a[key]:.6f} (rel {rel:.1e})")
             bound = 5e-3 if overrides.get("compile_blocks") or step > 1 else 1e-3
+            if key == "grad_norm" and step > 1:
+                bound = 1e-2
             assert rel < bound, (name, step, key, a[key], b[key])
 
 
