@@ -819,7 +819,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         grad_h = torch.empty_like(h) if need_grad else None
         grad_w = None
-        chunk_loss = _compiled_ce_chunk() if h.is_cuda else _ce_chunk
+        chunk_loss = _fused(_ce_chunk, h, dynamic=False)
         starts = range(0, h.shape[0], chunk)
         for start in starts:
             h_c, y = h[start:start + chunk], labels[start:start + chunk]
@@ -839,18 +839,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         grad_h, grad_w = ctx.saved_tensors
-        scale = _compiled_scale() if grad_h.is_cuda else _scale
+        scale = _fused(_scale, grad_h)
         return scale(grad_h, grad_out, grad_h.dtype), scale(grad_w, grad_out, ctx.weight_dtype), None, None
 
 
 def _scale(x: torch.Tensor, factor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``x * factor`` in fp32, then ``dtype``: one pass, the factor never rounded to x's low precision."""
     return (x.float() * factor.float()).to(dtype)
-
-
-@functools.cache
-def _compiled_scale():
-    return torch.compile(_scale)
 
 
 def _add_product_fp32(total: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -879,9 +874,14 @@ def _ce_chunk(logits: torch.Tensor, y: torch.Tensor, need_grad: bool) -> tuple[t
     return loss, grad.to(logits.dtype)
 
 
+def _fused(fn, t: torch.Tensor, dynamic: bool | None = None):
+    """``fn`` compiled (once per function and setting) when ``t`` is on a GPU; as written elsewhere."""
+    return _compiled(fn, dynamic) if t.is_cuda else fn
+
+
 @functools.cache
-def _compiled_ce_chunk():
-    return torch.compile(_ce_chunk, dynamic=False)
+def _compiled(fn, dynamic: bool | None):
+    return torch.compile(fn, dynamic=dynamic)
 
 
 class _Kernels:
