@@ -516,6 +516,11 @@ def accumulate(total: torch.Tensor, grad: torch.Tensor) -> None:
     total.add_(grad)
 
 
+def assign(total: torch.Tensor, grad: torch.Tensor) -> None:
+    """``total[:] = grad`` (the first gradient of a step, upcast when ``total`` is fp32; fused on GPUs)."""
+    total.copy_(grad)
+
+
 def upcast(x: torch.Tensor) -> torch.Tensor:
     """``x`` in fp32 (fused: vectorised loads on GPUs, where aten's mixed-dtype copy is not)."""
     return x.float()
@@ -881,20 +886,23 @@ def _fused(fn, t: torch.Tensor, dynamic: bool | None = None):
 
 @functools.cache
 def _compiled(fn, dynamic: bool | None):
-    return torch.compile(fn, dynamic=dynamic)
+    return torch.compile(fn, dynamic=dynamic, fullgraph=True)
+
+
+KERNEL_NAMES = ("rms_norm", "swiglu", "apply_rope", "combine", "accumulate", "assign", "upcast", "swiglu_backward",
+                "sum_token_rows")
 
 
 class _Kernels:
-    """The element-wise pieces of the model, in one place so that ``compile_kernels`` can swap in compiled
-    (fused) versions on GPUs; matrix products and attention stay library kernels either way."""
+    """The element-wise pieces of the model (``KERNEL_NAMES``), in one place so that ``compile_kernels`` can swap
+    in compiled (fused) versions on GPUs; matrix products and attention stay library kernels either way."""
 
     def __init__(self):
         self.reset()
 
     def reset(self) -> None:
-        self.rms_norm, self.swiglu, self.apply_rope, self.combine = rms_norm, swiglu, apply_rope, combine
-        self.accumulate, self.upcast, self.swiglu_backward = accumulate, upcast, swiglu_backward
-        self.sum_token_rows = sum_token_rows
+        for name in KERNEL_NAMES:
+            setattr(self, name, globals()[name])
 
 
 KERNELS = _Kernels()
@@ -903,9 +911,9 @@ KERNELS = _Kernels()
 def compile_kernels() -> None:
     """Fuse the element-wise islands (norms, RoPE, SwiGLU, the weighted expert combine, mixed-precision gradient
     accumulation) with torch.compile."""
-    for name in ("rms_norm", "swiglu", "apply_rope", "combine", "accumulate", "upcast", "swiglu_backward",
-                 "sum_token_rows"):
-        setattr(KERNELS, name, torch.compile(globals()[name]))  # shapes that vary become dynamic
+    for name in KERNEL_NAMES:
+        # Shapes that vary become dynamic; a graph break would split the fusion, so it is an error instead.
+        setattr(KERNELS, name, torch.compile(globals()[name], fullgraph=True))
 
 
 def compile_blocks(model: Transformer, backend: str = "inductor") -> None:

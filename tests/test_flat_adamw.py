@@ -1,5 +1,6 @@
 """The single-device fused optimizer equals torch.optim.AdamW (with clipping), in place on flat buffers."""
 
+import pytest
 import torch
 
 from moonforge.config import preset
@@ -60,7 +61,7 @@ def test_accumulating_micro_batches_in_fp32_and_bf16_parameters():
     ids = torch.randint(0, config.vocab_size, (2, 17))
     _step(model, ids)
     _step(model, ids)
-    grads = [g.grad for g in flat.groups_flat]
+    grads = flat.gradients()
     assert all(g.dtype == torch.float32 and g.abs().sum() > 0 for g in grads)
     before = model.model.embed_tokens.weight.float().clone()
     flat.step()
@@ -87,14 +88,43 @@ def test_micro_batch_gradients_summed_in_fp32_bit_for_bit(kernels):
         _step(twin, ids)
         for total, q in zip(totals, twin.parameters()):
             total += q.grad.float()
-    views = {}
-    for g in flat.groups_flat:
-        offset = 0
-        for p in g.params:
-            views[p] = g.grad[offset:offset + p.numel()].view_as(p)
-            offset += p.numel()
     for (name, p), total in zip(model.named_parameters(), totals):
-        assert torch.equal(views[p], total), name
+        assert torch.equal(flat.gradient(p), total), name
+
+
+@pytest.mark.parametrize("accumulate", [False, True], ids=["bf16 gradients", "fp32 sums"])
+def test_each_step_starts_from_fresh_gradients_without_zeroing_the_buffer(accumulate):
+    """The step's first gradient is written over last step's values, later ones are added, and a parameter that
+    got no gradient this step reads zero: the gradients equal a twin model's, step after step."""
+    config = preset("tiny")
+    model, twin = build_model(config, seed=0), build_model(config, seed=0)
+    flat = _flat(model, accumulate=accumulate, dtype=torch.bfloat16)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        q.data = p.detach().clone()
+    buffers = [g.grad for g in flat.groups_flat]
+    torch.manual_seed(2)
+    for step in range(3):
+        totals = [torch.zeros(q.shape) for q in twin.parameters()]
+        for _ in range(2 if accumulate else 1):
+            ids = torch.randint(0, config.vocab_size, (2, 17))
+            twin.zero_grad()
+            for m in (model, twin):
+                if step == 1:  # only the lm head gets a gradient: every other view still holds step 0's
+                    (m.lm_head.weight.float() * ids[0, 0]).sum().backward()
+                else:
+                    _step(m, ids)
+            for total, q in zip(totals, twin.parameters()):
+                if q.grad is not None:
+                    total += q.grad.float()
+        assert all(p.grad is None for p in model.parameters())  # all of it landed in the flat buffers
+        for (name, p), q, total in zip(model.named_parameters(), twin.parameters(), totals):
+            got = flat.gradient(p)
+            assert got.dtype == (torch.float32 if accumulate else p.dtype), name
+            assert torch.equal(got.float(), total), (step, name)
+        assert flat.gradient(model.model.embed_tokens.weight).abs().sum() == 0 or step != 1
+        flat.zero_grad()
+        assert all(a is g.grad for a, g in zip(buffers, flat.groups_flat))
+        assert sum(b.abs().sum() for b in buffers) > 0  # last step's values stay until overwritten
 
 
 def test_state_dict_round_trip_keeps_flat_views():
@@ -153,10 +183,10 @@ def test_fp32_split_into_bf16_and_int16_is_exact():
     assert ((hi.float() - x).abs() <= (x.to(torch.bfloat16).float() - x).abs()).all()
 
 
-def _same_gradients(source, target) -> None:
-    """Give ``target``'s parameters the gradients of ``source``'s (bf16 views of the flat gradient buffers)."""
+def _same_gradients(source, target, source_opt, target_opt) -> None:
+    """Give ``target``'s parameters the gradients of ``source``'s (views of the flat gradient buffers)."""
     for p, q in zip(source.parameters(), target.parameters()):
-        q.grad.copy_(p.grad)
+        target_opt.gradient(q).copy_(source_opt.gradient(p))
 
 
 def _compare_masters(plain, offloaded, a, b) -> int:
@@ -193,7 +223,7 @@ def test_offloaded_state_gives_the_same_master_weights(monkeypatch):
     torch.manual_seed(0)
     for _ in range(4):
         _step(a, torch.randint(0, config.vocab_size, (2, 17)))
-        _same_gradients(a, b)
+        _same_gradients(a, b, plain, offloaded)
         for opt in (plain, offloaded):
             opt.clip_coef.copy_((0.5 / (opt.grad_norm_squared().sqrt() + 1e-6)).clamp(max=1.0))
             opt.step()
@@ -263,7 +293,7 @@ def test_streamed_offload_on_a_gpu_matches_the_plain_optimizer():
         gen = torch.Generator(device="cuda").manual_seed(0)
         for _ in range(3):
             _step(a, torch.randint(0, config.vocab_size, (2, 33), device="cuda", generator=gen))
-            _same_gradients(a, b)
+            _same_gradients(a, b, plain, offloaded)
             for opt in (plain, offloaded):
                 opt.step()
                 opt.zero_grad()

@@ -226,7 +226,7 @@ class _AccumulateInto(torch.autograd.Function):
     def backward(ctx, grad):
         param = ctx.param
         if param.grad is None:  # the gradient in the master's dtype (always a copy: ``low`` has another dtype)
-            local = grad.to(param.dtype).contiguous()
+            local = (KERNELS.upcast(grad) if param.dtype == torch.float32 else grad.to(param.dtype)).contiguous()
             param.grad = (DTensor.from_local(local, param.device_mesh, param.placements, run_check=False)
                           if isinstance(param, DTensor) else local)
         else:

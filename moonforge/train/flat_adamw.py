@@ -3,8 +3,10 @@
 On one GPU there is nothing to shard, so FSDP's casts and copies are pure overhead. Here the model keeps its
 parameters in the compute dtype (bf16), viewed out of one flat buffer; the optimizer keeps fp32 master weights
 and Adam moments in flat buffers of the same layout; gradients land in a flat buffer too (bf16 when each step is
-one micro-batch, fp32 when micro-batches accumulate). The optimizer step (with gradient clipping folded in) is
-then one fused elementwise kernel over all parameters, and the gradient norm one reduction.
+one micro-batch, fp32 when micro-batches accumulate). The first gradient of a step is written into the buffer and
+later ones are added, so the buffer is never zeroed (only the views of parameters that got no gradient are). The
+optimizer step (with gradient clipping folded in) is then one fused elementwise kernel over all parameters, and
+the gradient norm one reduction.
 
 The router weight stays fp32 (its own group), as the reference computes routing in fp32.
 
@@ -40,7 +42,7 @@ class _Group:
     master: torch.Tensor | None   # fp32 (None when offloaded: then ``low`` holds the master's lower half)
     exp_avg: torch.Tensor
     exp_avg_sq: torch.Tensor
-    grad: torch.Tensor            # gradients (param dtype, or fp32 when accumulating)
+    grad: torch.Tensor            # gradients (param dtype, or fp32 when accumulating); see FlatAdamW.gradients
     low: torch.Tensor | None = None  # int16 lower halves of the fp32 master weights, in host memory
 
     @property
@@ -75,6 +77,10 @@ class FlatAdamW(torch.optim.Optimizer):
             group = _build_group(items, dtype, wd, accumulate_fp32, moment_dtype, on_host)
             self.groups_flat.append(group)
             param_groups.append({"params": group.params, "names": group.names, "weight_decay": wd})
+        self._grad_views = {p: view for g in self.groups_flat for p, view in zip(g.params, _views(g.grad, g.params))}
+        self._unwritten = set(self._grad_views)  # no gradient yet this step: their views hold stale values
+        for p in self._grad_views:
+            p.register_post_accumulate_grad_hook(self._land)
         device = self.groups_flat[0].flat_param.device
         self.step_count = torch.zeros((), dtype=torch.float32, device=device)
         super().__init__(param_groups, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
@@ -105,17 +111,38 @@ class FlatAdamW(torch.optim.Optimizer):
                 g.master.copy_(g.flat_param)
 
     # ------------------------------------------------------------------ gradients
+    def _land(self, p: nn.Parameter) -> None:
+        """Move the gradient autograd just produced for ``p`` into the flat buffer: written if it is the step's
+        first (no zeroed buffer to read), added (in fp32 when accumulating) otherwise."""
+        if p in self._unwritten:
+            self._unwritten.discard(p)
+            KERNELS.assign(self._grad_views[p], p.grad)
+        else:
+            KERNELS.accumulate(self._grad_views[p], p.grad)
+        p.grad = None
+
+    def gradients(self) -> list[torch.Tensor]:
+        """The flat gradient buffers, one per group (parameters without a gradient this step read as zeros)."""
+        for p in self._unwritten:
+            self._grad_views[p].zero_()
+        self._unwritten.clear()
+        return [g.grad for g in self.groups_flat]
+
+    def gradient(self, p: nn.Parameter) -> torch.Tensor:
+        """``p``'s gradient: a view of its group's flat buffer."""
+        self.gradients()
+        return self._grad_views[p]
+
     def grad_norm_squared(self) -> torch.Tensor:
         total = torch.zeros((), dtype=torch.float64, device=self.step_count.device)
-        for g in self.groups_flat:
+        for grad in self.gradients():
             # fp32 accumulation is accurate on GPUs (tree reduction) but not in the CPU kernel: use fp64 there.
-            dtype = torch.float32 if g.grad.is_cuda else torch.float64
-            total += torch.linalg.vector_norm(g.grad, dtype=dtype).double() ** 2
+            dtype = torch.float32 if grad.is_cuda else torch.float64
+            total += torch.linalg.vector_norm(grad, dtype=dtype).double() ** 2
         return total
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        for g in self.groups_flat:
-            g.grad.zero_()
+        self._unwritten = set(self._grad_views)  # the next gradients overwrite: nothing to clear
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -126,12 +153,16 @@ class FlatAdamW(torch.optim.Optimizer):
         step = self.step_count
         lr = torch.tensor(hp["lr"], device=step.device)
         cuda = step.is_cuda
+        self.gradients()
         for g in self.groups_flat:
             if g.offloaded:
                 self._streamed_step(g, step, lr, beta1, beta2, hp["eps"])
             else:
+                # An fp32 group's parameters are its master weights: nothing to round into (None, decided here:
+                # a pointer comparison inside the compiled update would split it in two).
+                param = None if g.flat_param is g.master else g.flat_param
                 (_compiled(_update) if cuda else _update)(
-                    g.master, g.exp_avg, g.exp_avg_sq, g.grad, g.flat_param, self.clip_coef, step, lr, beta1, beta2,
+                    g.master, g.exp_avg, g.exp_avg_sq, g.grad, param, self.clip_coef, step, lr, beta1, beta2,
                     hp["eps"], g.weight_decay)
         return None
 
@@ -251,24 +282,19 @@ def _build_group(items, dtype, wd, accumulate_fp32: bool, moment_dtype, on_host:
         p.data = flat_param[offset:offset + n].view_as(p)  # frees the parameter's own storage
         offset += n
     return _Group(names=[n for n, _ in items], params=[p for _, p in items], weight_decay=wd,
-                  flat_param=flat_param, master=master, grad=_attach_grads(items, flat_param, accumulate_fp32),
+                  flat_param=flat_param, master=master,
+                  # in the parameters' dtype, or fp32 when micro-batches accumulate
+                  grad=torch.empty(total, dtype=torch.float32 if accumulate_fp32 else dtype, device=device),
                   exp_avg=state(total, moment_dtype, device), exp_avg_sq=state(total, moment_dtype, device), low=low)
 
 
-def _attach_grads(items, flat_param: torch.Tensor, accumulate_fp32: bool) -> torch.Tensor:
-    """A flat gradient buffer; each parameter's gradient is a view of it (or accumulates into it in fp32)."""
-    dtype = torch.float32 if accumulate_fp32 else flat_param.dtype
-    grad = torch.zeros(flat_param.numel(), dtype=dtype, device=flat_param.device)
-    offset = 0
-    for _, p in items:
-        n = p.numel()
-        view = grad[offset:offset + n].view_as(p)
-        if dtype == flat_param.dtype:
-            p.grad = view  # autograd accumulates into it in place
-        else:
-            p.register_post_accumulate_grad_hook(functools.partial(_accumulate, view))
-        offset += n
-    return grad
+def _views(flat: torch.Tensor, params: list[nn.Parameter]) -> list[torch.Tensor]:
+    """Consecutive pieces of ``flat`` shaped like ``params``."""
+    views, offset = [], 0
+    for p in params:
+        views.append(flat[offset:offset + p.numel()].view_as(p))
+        offset += p.numel()
+    return views
 
 
 def _check_host_memory(elements: int, bytes_per_element: int) -> None:
@@ -301,11 +327,6 @@ def _host_zeros(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tenso
             logger.warning("could not page-lock %.1f GB of optimizer state (CUDA error %s); copies to the GPU "
                            "will be slower", t.numel() * t.element_size() / 1e9, err)
     return t
-
-
-def _accumulate(view: torch.Tensor, p: nn.Parameter) -> None:
-    KERNELS.accumulate(view, p.grad)  # fused when compiled: aten's mixed-dtype add is not vectorised
-    p.grad = None
 
 
 # ---------------------------------------------------------------------- fp32 as two 16-bit halves
@@ -343,7 +364,7 @@ def _update(master, exp_avg, exp_avg_sq, grad, param, clip_coef, step, lr, beta1
     exp_avg.copy_(m)
     exp_avg_sq.copy_(v)
     master.copy_(new)
-    if param.data_ptr() != master.data_ptr():
+    if param is not None:
         param.copy_(new)  # round to nearest even (the offloaded form rounds ties away from zero)
 
 
@@ -361,4 +382,4 @@ def _update_split(param, low, exp_avg, exp_avg_sq, grad, clip_coef, step, lr, be
 
 @functools.cache
 def _compiled(fn):
-    return torch.compile(fn, dynamic=False)
+    return torch.compile(fn, dynamic=False, fullgraph=True)

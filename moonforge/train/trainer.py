@@ -301,8 +301,8 @@ class Trainer:
         if self.flat:
             opt = self.optimizer
             if self.loss_scale != 1.0:
-                for g in opt.groups_flat:
-                    g.grad.div_(self.loss_scale)
+                for grad in opt.gradients():
+                    grad.div_(self.loss_scale)
             norm = opt.grad_norm_squared().sqrt()
             if self.cfg.clip_grad > 0:
                 opt.clip_coef.copy_((self.cfg.clip_grad / (norm + 1e-6)).clamp(max=1.0))
