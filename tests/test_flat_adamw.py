@@ -127,6 +127,23 @@ def test_each_step_starts_from_fresh_gradients_without_zeroing_the_buffer(accumu
         assert sum(b.abs().sum() for b in buffers) > 0  # last step's values stay until overwritten
 
 
+def test_optimizer_and_model_are_freed_when_dropped():
+    """The gradient hooks must not keep the optimizer (and with it every buffer) alive: a benchmark that runs
+    transformers' model after moonforge's in one process ran out of GPU memory when they did."""
+    import gc
+    import weakref
+
+    config = preset("tiny")
+    model = build_model(config, seed=0)
+    flat = _flat(model, accumulate=True, dtype=torch.bfloat16)
+    _step(model, torch.randint(0, config.vocab_size, (2, 17)))
+    flat.step()
+    alive = [weakref.ref(flat), weakref.ref(flat.groups_flat[0].grad), weakref.ref(model)]
+    del model, flat
+    gc.collect()
+    assert all(ref() is None for ref in alive)
+
+
 def test_state_dict_round_trip_keeps_flat_views():
     config = preset("tiny")
     model = build_model(config, seed=0)

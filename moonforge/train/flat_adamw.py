@@ -77,10 +77,11 @@ class FlatAdamW(torch.optim.Optimizer):
             group = _build_group(items, dtype, wd, accumulate_fp32, moment_dtype, on_host)
             self.groups_flat.append(group)
             param_groups.append({"params": group.params, "names": group.names, "weight_decay": wd})
-        self._grad_views = {p: view for g in self.groups_flat for p, view in zip(g.params, _views(g.grad, g.params))}
-        self._unwritten = set(self._grad_views)  # no gradient yet this step: their views hold stale values
-        for p in self._grad_views:
-            p.register_post_accumulate_grad_hook(self._land)
+        self._landing = _Landing({id(p): view for g in self.groups_flat
+                                  for p, view in zip(g.params, _views(g.grad, g.params))})
+        for g in self.groups_flat:
+            for p in g.params:
+                p.register_post_accumulate_grad_hook(self._landing)
         device = self.groups_flat[0].flat_param.device
         self.step_count = torch.zeros((), dtype=torch.float32, device=device)
         super().__init__(param_groups, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
@@ -111,27 +112,15 @@ class FlatAdamW(torch.optim.Optimizer):
                 g.master.copy_(g.flat_param)
 
     # ------------------------------------------------------------------ gradients
-    def _land(self, p: nn.Parameter) -> None:
-        """Move the gradient autograd just produced for ``p`` into the flat buffer: written if it is the step's
-        first (no zeroed buffer to read), added (in fp32 when accumulating) otherwise."""
-        if p in self._unwritten:
-            self._unwritten.discard(p)
-            KERNELS.assign(self._grad_views[p], p.grad)
-        else:
-            KERNELS.accumulate(self._grad_views[p], p.grad)
-        p.grad = None
-
     def gradients(self) -> list[torch.Tensor]:
         """The flat gradient buffers, one per group (parameters without a gradient this step read as zeros)."""
-        for p in self._unwritten:
-            self._grad_views[p].zero_()
-        self._unwritten.clear()
+        self._landing.settle()
         return [g.grad for g in self.groups_flat]
 
     def gradient(self, p: nn.Parameter) -> torch.Tensor:
         """``p``'s gradient: a view of its group's flat buffer."""
-        self.gradients()
-        return self._grad_views[p]
+        self._landing.settle()
+        return self._landing.views[id(p)]
 
     def grad_norm_squared(self) -> torch.Tensor:
         total = torch.zeros((), dtype=torch.float64, device=self.step_count.device)
@@ -142,7 +131,7 @@ class FlatAdamW(torch.optim.Optimizer):
         return total
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        self._unwritten = set(self._grad_views)  # the next gradients overwrite: nothing to clear
+        self._landing.restart()  # the next gradients overwrite: nothing to clear
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -286,6 +275,35 @@ def _build_group(items, dtype, wd, accumulate_fp32: bool, moment_dtype, on_host:
                   # in the parameters' dtype, or fp32 when micro-batches accumulate
                   grad=torch.empty(total, dtype=torch.float32 if accumulate_fp32 else dtype, device=device),
                   exp_avg=state(total, moment_dtype, device), exp_avg_sq=state(total, moment_dtype, device), low=low)
+
+
+class _Landing:
+    """Each parameter's post-accumulate hook: moves the gradient autograd just produced into the parameter's view
+    of the flat buffer, written if it is the step's first (no zeroed buffer to read), added (in fp32 when
+    accumulating) otherwise. Keyed by ``id``: a hook that referenced its parameter or the optimizer would make a
+    cycle through autograd's C++ side, which the garbage collector cannot see, and keep both alive for good."""
+
+    def __init__(self, views: dict[int, torch.Tensor]):
+        self.views = views
+        self.unwritten = set(views)  # no gradient yet this step: their views hold the last step's values
+
+    def __call__(self, p: nn.Parameter) -> None:
+        key = id(p)
+        if key in self.unwritten:
+            self.unwritten.discard(key)
+            KERNELS.assign(self.views[key], p.grad)
+        else:
+            KERNELS.accumulate(self.views[key], p.grad)
+        p.grad = None
+
+    def settle(self) -> None:
+        """Zero the views of parameters that got no gradient this step."""
+        for key in self.unwritten:
+            self.views[key].zero_()
+        self.unwritten.clear()
+
+    def restart(self) -> None:
+        self.unwritten = set(self.views)
 
 
 def _views(flat: torch.Tensor, params: list[nn.Parameter]) -> list[torch.Tensor]:
