@@ -365,3 +365,45 @@ def test_static_rows_match_computing_the_routed_rows_alone(device, use_fp8):
     for ours, ref, name in zip(*results, ("out", "x", "weights", "gate_up", "down")):
         assert torch.isfinite(ours).all(), name
         torch.testing.assert_close(ours.float(), ref.float(), rtol=2e-2, atol=2e-2, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------------- KV cache
+def test_kv_cache_gives_the_logits_of_whole_sequences():
+    """Left-padded prompts of different lengths fill a cache; tokens fed one at a time (a row dropped on the way)
+    get the logits a forward over each whole unpadded sequence gives."""
+    from moonforge.model import KVCache
+
+    config = preset("tiny")
+    model = build_model(config, seed=4).eval()
+    gen = torch.Generator().manual_seed(0)
+    rows = [torch.randint(0, config.vocab_size, (n,), generator=gen).tolist() for n in (6, 11, 3)]
+    width = max(len(r) for r in rows)
+    tokens = torch.zeros(len(rows), width, dtype=torch.long)
+    documents = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        tokens[i, width - len(r):] = torch.tensor(r)
+        documents[i, width - len(r):] = 1
+
+    def check(logits, active):
+        for got, i in zip(logits, active):
+            want = model(torch.tensor([rows[i]]))[0, -1]
+            assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), (i, (got - want).abs().max())
+
+    with torch.no_grad():
+        cache = KVCache()
+        logits = model(tokens, document_ids=documents, cache=cache)[:, -1]
+        active = [0, 1, 2]
+        check(logits, active)
+        for step in range(4):
+            if step == 2:
+                cache.keep([0, 2])  # row 1 finished
+                active = [0, 2]
+            new = torch.randint(0, config.vocab_size, (len(active), 1), generator=gen)
+            for i, t in zip(active, new[:, 0].tolist()):
+                rows[i].append(t)
+            positions = torch.tensor([[len(rows[i]) - 1] for i in active])
+            logits = model(new, position_ids=positions, document_ids=torch.ones_like(new), cache=cache)[:, -1]
+            check(logits, active)
+        assert cache.length == width + 4 and cache.layers["0"].k.shape[:2] == (2, width + 4)
+    with pytest.raises(ValueError, match="torch.no_grad"):
+        model(tokens, cache=KVCache())

@@ -6,8 +6,8 @@ directly, without an export to Hugging Face format:
     loglikelihood          batched by length (longest first), one forward per shared context, fp32 log-softmax,
                            context truncated on the left to the model's max length
     loglikelihood_rolling  lm-eval's rolling windows, scored through the same batched path
-    generate_until         greedy decoding with stop strings; no KV cache: each new token recomputes the full
-                           forward pass, which is fine for short answers and slow for long generations
+    generate_until         greedy decoding with stop strings: one forward over the batch's left-padded
+                           prompts fills a KV cache, then one token per unfinished row per step
 
 Under torchrun (WORLD_SIZE > 1) each rank holds a full copy and scores its share of the requests; lm-eval
 splits and gathers them. ``device_map="auto"`` instead spreads one copy layer by layer over all visible GPUs.
@@ -31,7 +31,7 @@ from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from moonforge.model import Transformer
+from moonforge.model import KVCache, Transformer
 from moonforge.utils import parse_dtype
 
 logger = logging.getLogger(__name__)
@@ -53,12 +53,14 @@ class MoonforgeLM(TemplateLM):
         device: where to load (default: this rank's GPU, else CPU).
         device_map: "auto" to spread layers over all visible GPUs, or a comma-separated device list.
         add_bos_token: prepend the tokenizer's BOS to every input (Moonlight's tokenizer adds none).
+        kv_cache: generate with a KV cache (default); false recomputes every sequence for each new token (the
+            same tokens, much slower: kept as the reference the cache is tested and timed against).
     """
 
     def __init__(self, pretrained: str | Path | Transformer, tokenizer=None, batch_size: int | str = 16,
                  max_length: int | str | None = None, max_gen_toks: int | str = 256, dtype: str = "auto",
                  device: str | None = None, device_map: str | list | None = None,
-                 add_bos_token: bool | str = False):
+                 add_bos_token: bool | str = False, kv_cache: bool | str = True):
         super().__init__()
         if str(batch_size).startswith("auto"):
             raise ValueError("batch_size 'auto' is not supported by the moonforge model; give a number")
@@ -109,6 +111,7 @@ class MoonforgeLM(TemplateLM):
         self._special_ids = set(tokenizer.special_tokens.values())
         self._stop_ids = _stop_token_ids(tokenizer, self.model.config, self.path)
         self.add_bos_token = _as_bool(add_bos_token)
+        self.kv_cache = _as_bool(kv_cache)
         self._max_length = int(max_length) if max_length else self.model.config.max_position_embeddings
         self.max_gen_toks = int(max_gen_toks)
         self._warned_sampling = False
@@ -266,27 +269,74 @@ class MoonforgeLM(TemplateLM):
         pbar.close()
         return reorder.get_original(results)
 
+    @torch.inference_mode()
     def _greedy(self, prompts: list[list[int]], until: list[str], max_new: int) -> list[list[int]]:
         """Greedy tokens per prompt, stopping at an end token (not included), a stop string, or ``max_new``
         tokens. End tokens: the tokenizer's EOS and the model's ``eos_token_id`` (Moonlight's is
-        ``<|im_end|>``), plus those of generation_config.json, as transformers' ``generate`` uses them."""
+        ``<|im_end|>``), plus those of generation_config.json, as transformers' ``generate`` uses them.
+
+        One forward over the left-padded prompts fills a KV cache; then each step feeds one token per unfinished
+        row, and finished rows leave the cache."""
+        if max_new < 1:
+            return [[] for _ in prompts]
+        prompts = [p or [self.prefix_token_id] for p in prompts]  # an empty context conditions on BOS (or EOS)
+        if not self.kv_cache:
+            return self._greedy_recomputed(prompts, until, max_new)
+        generated: list[list[int]] = [[] for _ in prompts]
+        width = max(len(p) for p in prompts)
+        tokens = torch.full((len(prompts), width), self.eot_token_id, dtype=torch.long)
+        documents = torch.zeros((len(prompts), width), dtype=torch.long)  # 0: left padding, 1: the prompt
+        for i, p in enumerate(prompts):
+            tokens[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            documents[i, width - len(p):] = 1
+        cache = KVCache()
+        logits = self._last_logits(tokens, documents, None, cache)
+        active = list(range(len(prompts)))
+        while True:
+            kept = self._advance(active, logits.argmax(dim=-1).tolist(), generated, until, max_new)
+            if not kept:
+                return generated
+            if len(kept) < len(active):
+                cache.keep(kept)
+            active = [active[row] for row in kept]
+            new = torch.tensor([[generated[i][-1]] for i in active], dtype=torch.long)
+            positions = torch.tensor([[len(prompts[i]) + len(generated[i]) - 1] for i in active])
+            logits = self._last_logits(new, torch.ones_like(new), positions, cache)
+
+    def _greedy_recomputed(self, prompts: list[list[int]], until: list[str], max_new: int) -> list[list[int]]:
+        """``_greedy`` without a cache: every step runs the whole of each unfinished sequence again."""
         generated: list[list[int]] = [[] for _ in prompts]
         active = list(range(len(prompts)))
-        for _ in range(max_new):
-            if not active:
-                break
+        while active:
             rows = [prompts[i] + generated[i] for i in active]
-            logits = self._logits(rows, [len(r) for r in rows], width=1)
-            next_tokens = logits[:, -1].argmax(dim=-1).tolist()
-            still = []
-            for i, token in zip(active, next_tokens):
-                if token in self._stop_ids:
-                    continue
-                generated[i].append(token)
-                if not any(stop in self.tok_decode(generated[i]) for stop in until if stop):
-                    still.append(i)
-            active = still
+            logits = self._logits(rows, [len(r) for r in rows], width=1)[:, -1]
+            active = [active[row] for row in self._advance(active, logits.argmax(dim=-1).tolist(), generated,
+                                                           until, max_new)]
         return generated
+
+    def _advance(self, active: list[int], next_tokens: list[int], generated: list[list[int]], until: list[str],
+                 max_new: int) -> list[int]:
+        """Append each active row's next token (unless it is an end token); the rows (positions in ``active``)
+        that go on: no end token, no stop string in their text, fewer than ``max_new`` tokens."""
+        kept = []
+        for row, (i, token) in enumerate(zip(active, next_tokens)):
+            if token in self._stop_ids:
+                continue
+            generated[i].append(token)
+            if len(generated[i]) < max_new and not any(stop in self.tok_decode(generated[i]) for stop in until if stop):
+                kept.append(row)
+        return kept
+
+    def _last_logits(self, tokens: torch.Tensor, documents: torch.Tensor, positions: torch.Tensor | None,
+                     cache: KVCache) -> torch.Tensor:
+        """Logits [B, V] at each row's last position; only that position goes through ``lm_head``."""
+        handle = self.model.lm_head.register_forward_pre_hook(lambda module, args: (args[0][:, -1:],))
+        try:
+            out = self.model(tokens.to(self._device), position_ids=None if positions is None else
+                             positions.to(self._device), document_ids=documents.to(self._device), cache=cache)
+        finally:
+            handle.remove()
+        return out[:, -1].float()
 
     # ------------------------------------------------------------------------------------------------ ranks
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
