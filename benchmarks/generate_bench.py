@@ -27,19 +27,14 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from moonforge.config import preset  # noqa: E402
-from moonforge.model import KVCache, Transformer, build_model  # noqa: E402
+from moonforge.model import KVCache, Transformer, build_model, left_padded  # noqa: E402
 from moonforge.utils import atomic_write_text, parse_dtype  # noqa: E402
 
 
 @torch.inference_mode()
 def cached(model: Transformer, prompts: list[list[int]], new: int) -> list[list[int]]:
     device = model.lm_head.weight.device
-    width = max(len(p) for p in prompts)
-    tokens = torch.zeros(len(prompts), width, dtype=torch.long)
-    documents = torch.zeros(len(prompts), width, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        tokens[i, width - len(p):] = torch.tensor(p)
-        documents[i, width - len(p):] = 1
+    tokens, documents = left_padded(prompts)
     cache = KVCache()
     out: list[list[int]] = [[] for _ in prompts]
     last = _last_position(model, lambda: model(tokens.to(device), document_ids=documents.to(device), cache=cache))

@@ -724,6 +724,18 @@ class KVCache:
             cache.k, cache.v = cache.k[index], cache.v[index]
 
 
+def left_padded(rows: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows of different lengths as one batch for a ``KVCache``'s first forward: tokens [B, S] padded on the
+    left with ``pad_id``, and document ids that set the padding apart (0 padding, 1 tokens)."""
+    width = max(len(r) for r in rows)
+    tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    documents = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        tokens[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        documents[i, width - len(r):] = 1
+    return tokens, documents
+
+
 class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()

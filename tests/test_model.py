@@ -371,18 +371,15 @@ def test_static_rows_match_computing_the_routed_rows_alone(device, use_fp8):
 def test_kv_cache_gives_the_logits_of_whole_sequences():
     """Left-padded prompts of different lengths fill a cache; tokens fed one at a time (a row dropped on the way)
     get the logits a forward over each whole unpadded sequence gives."""
-    from moonforge.model import KVCache
+    from moonforge.model import KVCache, left_padded
 
     config = preset("tiny")
     model = build_model(config, seed=4).eval()
     gen = torch.Generator().manual_seed(0)
     rows = [torch.randint(0, config.vocab_size, (n,), generator=gen).tolist() for n in (6, 11, 3)]
-    width = max(len(r) for r in rows)
-    tokens = torch.zeros(len(rows), width, dtype=torch.long)
-    documents = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        tokens[i, width - len(r):] = torch.tensor(r)
-        documents[i, width - len(r):] = 1
+    tokens, documents = left_padded(rows, pad_id=7)
+    width = tokens.shape[1]
+    assert tokens[2, :width - 3].eq(7).all() and documents.sum(1).tolist() == [6, 11, 3]
 
     def check(logits, active):
         for got, i in zip(logits, active):

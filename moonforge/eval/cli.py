@@ -43,6 +43,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-length", type=int, default=None,
                         help="longest input in tokens (default: the config's max_position_embeddings)")
     parser.add_argument("--max-gen-toks", type=int, default=256, help="generation limit when a task sets none")
+    parser.add_argument("--no-kv-cache", action="store_true",
+                        help="generate by recomputing every sequence for each new token (slow; the reference the "
+                             "KV cache is checked against)")
     parser.add_argument("--apply-chat-template", action="store_true",
                         help="wrap prompts in the tokenizer's chat template (for chat-tuned models)")
     parser.set_defaults(func=run)
@@ -83,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
 
             lm = MoonforgeLM(pretrained=args.model, tokenizer=args.tokenizer, batch_size=args.batch_size,
                              max_length=args.max_length, max_gen_toks=args.max_gen_toks, dtype=args.dtype,
-                             device=args.device, device_map=args.device_map)
+                             device=args.device, device_map=args.device_map, kv_cache=not args.no_kv_cache)
             results = run_tasks(lm, plan, num_fewshot=args.num_fewshot, limit=args.limit,
                                 log_samples=args.log_samples, apply_chat_template=args.apply_chat_template)
     except (EvalDataError, CheckpointError, ConfigError, TokenizerError, FileNotFoundError) as e:

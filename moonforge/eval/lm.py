@@ -31,7 +31,7 @@ from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from moonforge.model import KVCache, Transformer
+from moonforge.model import KVCache, Transformer, left_padded
 from moonforge.utils import parse_dtype
 
 logger = logging.getLogger(__name__)
@@ -283,14 +283,8 @@ class MoonforgeLM(TemplateLM):
         if not self.kv_cache:
             return self._greedy_recomputed(prompts, until, max_new)
         generated: list[list[int]] = [[] for _ in prompts]
-        width = max(len(p) for p in prompts)
-        tokens = torch.full((len(prompts), width), self.eot_token_id, dtype=torch.long)
-        documents = torch.zeros((len(prompts), width), dtype=torch.long)  # 0: left padding, 1: the prompt
-        for i, p in enumerate(prompts):
-            tokens[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-            documents[i, width - len(p):] = 1
         cache = KVCache()
-        logits = self._last_logits(tokens, documents, None, cache)
+        logits = self._last_logits(*left_padded(prompts, self.eot_token_id), None, cache)
         active = list(range(len(prompts)))
         while True:
             kept = self._advance(active, logits.argmax(dim=-1).tolist(), generated, until, max_new)
