@@ -35,7 +35,7 @@ from moonforge.utils import atomic_write_text, parse_dtype  # noqa: E402
 def cached(model: Transformer, prompts: list[list[int]], new: int) -> list[list[int]]:
     device = model.lm_head.weight.device
     tokens, documents = left_padded(prompts)
-    cache = KVCache()
+    cache = KVCache(capacity=tokens.shape[1] + new)
     out: list[list[int]] = [[] for _ in prompts]
     last = _last_position(model, lambda: model(tokens.to(device), document_ids=documents.to(device), cache=cache))
     for step in range(new):

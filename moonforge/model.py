@@ -681,17 +681,30 @@ class AuxLossGradient(torch.autograd.Function):
 
 # ---------------------------------------------------------------------------------------------------- blocks
 class LayerCache:
-    """One layer's keys and values so far, [B, T, heads, dim], on the layer's device."""
+    """One layer's keys and values, [B, capacity, heads, dim] on the layer's device, of which the first ``length``
+    positions are filled. With no capacity given, each extension concatenates (a copy of all of it per step)."""
 
-    def __init__(self):
+    def __init__(self, capacity: int | None = None):
+        self.capacity = capacity
+        self.length = 0
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
 
     def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.k is not None:
-            k, v = torch.cat([self.k, k], dim=1), torch.cat([self.v, v], dim=1)
-        self.k, self.v = k, v
-        return k, v
+        """Append positions [B, S, heads, dim]; returns all the keys and values so far."""
+        end = self.length + k.shape[1]
+        if self.capacity is None or end > self.capacity:
+            if self.k is not None:
+                k, v = torch.cat([self.k[:, :self.length], k], 1), torch.cat([self.v[:, :self.length], v], 1)
+            self.k, self.v, self.length = k, v, end
+            return k, v
+        if self.k is None:
+            self.k = k.new_empty(k.shape[0], self.capacity, *k.shape[2:])
+            self.v = v.new_empty(v.shape[0], self.capacity, *v.shape[2:])
+        self.k[:, self.length:end] = k
+        self.v[:, self.length:end] = v
+        self.length = end
+        return self.k[:, :end], self.v[:, :end]
 
 
 class KVCache:
@@ -701,10 +714,12 @@ class KVCache:
     the sequence's (0 for padding, 1 for tokens, say): attention never crosses document ids, and positions are
     counted within the document, so padding changes no result. ``keep(rows)`` drops finished sequences.
     The keys are cached after RoPE, as [B, T, heads, 192] and values [B, T, heads, 128]: 10 KB per token, layer
-    and row at Moonlight's sizes in bf16.
+    and row at Moonlight's sizes in bf16. ``capacity`` (prompt plus new tokens) allocates each layer's buffers
+    once; a sequence that grows past it is copied on every step.
     """
 
-    def __init__(self):
+    def __init__(self, capacity: int | None = None):
+        self.capacity = capacity
         self.layers: dict[str, LayerCache] = {}
         self.document_ids: torch.Tensor | None = None  # [B, T] of the cached positions
 
@@ -713,7 +728,9 @@ class KVCache:
         return 0 if self.document_ids is None else self.document_ids.shape[1]
 
     def layer(self, name: str) -> LayerCache:
-        return self.layers.setdefault(name, LayerCache())
+        if name not in self.layers:
+            self.layers[name] = LayerCache(self.capacity)
+        return self.layers[name]
 
     def keep(self, rows: torch.Tensor | list[int]) -> None:
         """Keep only these rows (indices into the current batch), in this order."""

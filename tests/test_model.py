@@ -368,9 +368,11 @@ def test_static_rows_match_computing_the_routed_rows_alone(device, use_fp8):
 
 
 # ---------------------------------------------------------------------------------------------------- KV cache
-def test_kv_cache_gives_the_logits_of_whole_sequences():
+@pytest.mark.parametrize("room", [None, 4, 2], ids=["growing", "preallocated", "outgrown"])
+def test_kv_cache_gives_the_logits_of_whole_sequences(room):
     """Left-padded prompts of different lengths fill a cache; tokens fed one at a time (a row dropped on the way)
-    get the logits a forward over each whole unpadded sequence gives."""
+    get the logits a forward over each whole unpadded sequence gives. The cache grows by concatenation, fills
+    buffers allocated for prompt + new tokens, or outgrows them."""
     from moonforge.model import KVCache, left_padded
 
     config = preset("tiny")
@@ -387,7 +389,7 @@ def test_kv_cache_gives_the_logits_of_whole_sequences():
             assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), (i, (got - want).abs().max())
 
     with torch.no_grad():
-        cache = KVCache()
+        cache = KVCache(capacity=None if room is None else width + room)
         logits = model(tokens, document_ids=documents, cache=cache)[:, -1]
         active = [0, 1, 2]
         check(logits, active)
@@ -401,6 +403,8 @@ def test_kv_cache_gives_the_logits_of_whole_sequences():
             positions = torch.tensor([[len(rows[i]) - 1] for i in active])
             logits = model(new, position_ids=positions, document_ids=torch.ones_like(new), cache=cache)[:, -1]
             check(logits, active)
-        assert cache.length == width + 4 and cache.layers["0"].k.shape[:2] == (2, width + 4)
+        layer = cache.layers["0"]
+        assert cache.length == layer.length == width + 4 and layer.k.shape[0] == 2
+        assert layer.k.shape[1] == (width + 4 if room in (None, 2) else width + room)
     with pytest.raises(ValueError, match="torch.no_grad"):
         model(tokens, cache=KVCache())

@@ -283,7 +283,7 @@ class MoonforgeLM(TemplateLM):
         if not self.kv_cache:
             return self._greedy_recomputed(prompts, until, max_new)
         generated: list[list[int]] = [[] for _ in prompts]
-        cache = KVCache()
+        cache = KVCache(capacity=max(len(p) for p in prompts) + max_new)
         logits = self._last_logits(*left_padded(prompts, self.eot_token_id), None, cache)
         active = list(range(len(prompts)))
         while True:
