@@ -763,10 +763,7 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: AttentionMask,
                 cache: LayerCache | None = None) -> torch.Tensor:
-        if cache is None:  # training: the call compiled blocks and recomputation see
-            x = x + self.self_attn(self.input_layernorm(x), rope, mask)
-        else:
-            x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 

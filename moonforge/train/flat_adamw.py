@@ -86,14 +86,11 @@ class FlatAdamW(torch.optim.Optimizer):
         self.step_count = torch.zeros((), dtype=torch.float32, device=device)
         super().__init__(param_groups, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         for group in self.groups_flat:
-            offset = 0
-            for p in group.params:
-                n = p.numel()
-                views = {"exp_avg": group.exp_avg, "exp_avg_sq": group.exp_avg_sq}
-                views["master_low" if group.offloaded else "master"] = group.low if group.offloaded else group.master
-                self.state[p] = {"step": self.step_count,
-                                 **{k: v[offset:offset + n].view_as(p) for k, v in views.items()}}
-                offset += n
+            flats = {"master_low" if group.offloaded else "master": group.low if group.offloaded else group.master,
+                     "exp_avg": group.exp_avg, "exp_avg_sq": group.exp_avg_sq}
+            pieces = {key: _views(flat, group.params) for key, flat in flats.items()}
+            for i, p in enumerate(group.params):
+                self.state[p] = {"step": self.step_count, **{key: views[i] for key, views in pieces.items()}}
         self.clip_coef = torch.ones((), dtype=torch.float32, device=device)
         self._stream_state = None  # staging buffers and copy streams, made at the first offloaded step
         on_host = [g for g in self.groups_flat if g.offloaded]
