@@ -763,7 +763,10 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: AttentionMask,
                 cache: LayerCache | None = None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
+        if cache is None:  # training: tensor parallelism's input layouts (PrepareModuleInput) expect three inputs
+            x = x + self.self_attn(self.input_layernorm(x), rope, mask)
+        else:
+            x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
